@@ -1,0 +1,175 @@
+"""The one config schema: YAML keys, CLI help, UI fields and docs/config-reference.md all come from here.
+
+Each field carries metadata (see `setting`) instead of living in four places:
+  help     - one line for --help, the UI tooltip and the docs
+  group    - the UI section / docs heading
+  choices  - allowed values for strings
+  min/max  - numeric range (inclusive)
+  path     - "dir" | "file" | "dir_or_file" | "out": resolved against the YAML's folder;
+             the first three must exist
+  resume   - what a changed value means for an existing run:
+             "free"  - harmless (logging, save cadence, previews)
+             "force" - continuing makes sense but the user must say so (--force-resume)
+             "fixed" - the checkpoint cannot continue with a different value
+  advanced - folded away in the UI
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+GROUPS = ("Data", "Model/Output", "LoRA", "Training", "Checkpoints", "Previews", "Advanced")
+
+
+def setting(default: Any, help: str, group: str, *, choices=None, min=None, max=None, path=None,
+            resume: str = "force", advanced: bool = False, factory=None):
+    meta = dict(help=help, group=group, choices=choices, min=min, max=max, path=path,
+                resume=resume, advanced=advanced)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # ---- Data -------------------------------------------------------------------------------
+    train_data_dir: str = setting(
+        "", "Folder of training images (png/jpg/jpeg/webp/bmp). Sub-folders named 'N_name' repeat "
+        "their images N times per epoch (kohya layout).", "Data", path="dir", resume="fixed")
+    metadata_path: Optional[str] = setting(
+        None, "Optional metadata.csv with columns file_name,text (captions). Overrides .txt sidecars.",
+        "Data", path="file", resume="fixed")
+    caption_extension: str = setting(".txt", "Extension of caption sidecar files next to each image.",
+                                     "Data", resume="fixed", advanced=True)
+    repeats: int = setting(1, "Default repeats per image for folders without an 'N_' prefix.", "Data",
+                           min=1, max=10000, resume="fixed")
+    resolution: int = setting(512, "Training resolution in pixels (images are resized and cropped to it).",
+                              "Data", min=64, max=4096, resume="fixed")
+    random_crop: bool = setting(False, "Crop at a random (seeded) position instead of the centre.", "Data",
+                                resume="fixed")
+    shuffle_caption: bool = setting(False, "Shuffle comma-separated caption tags each time an image is used.",
+                                    "Data", resume="fixed")
+    keep_tokens: int = setting(0, "With shuffle_caption: keep this many leading tags in place (e.g. the "
+                               "trigger word).", "Data", min=0, max=1000, resume="fixed")
+    caption_dropout_rate: float = setting(0.0, "Probability of training an image with an empty caption.",
+                                          "Data", min=0.0, max=1.0, resume="fixed")
+    bad_image_policy: str = setting("fail", "What to do with unreadable images: 'fail' (list them all and "
+                                    "stop) or 'skip' (warn and train without them).", "Data",
+                                    choices=("fail", "skip"), resume="fixed", advanced=True)
+
+    # ---- Model / output ---------------------------------------------------------------------------
+    task_type: str = setting("sd-lora", "What to train. Only 'sd-lora' exists today.", "Model/Output",
+                             choices=("sd-lora",), resume="fixed", advanced=True)
+    base_model: str = setting(
+        "", "Base model: a diffusers folder or a single-file .safetensors checkpoint (WebUI layout). "
+        "Inside the WebUI the loaded model is used instead.", "Model/Output", path="dir_or_file",
+        resume="fixed")
+    base_model_config: Optional[str] = setting(
+        None, "Diffusers-format config folder for a single-file checkpoint whose architecture is not a "
+        "standard one (the shipped SD1.5 configs are used otherwise).", "Model/Output", path="dir",
+        resume="fixed", advanced=True)
+    output_dir: str = setting("output", "Where the finished LoRA (.safetensors) is written, e.g. the "
+                              "WebUI's models/Lora.", "Model/Output", path="out", resume="free")
+    output_name: str = setting("my_lora", "File name (without extension) of the LoRA; also the name used "
+                               "in <lora:name:0.7>.", "Model/Output", resume="free")
+    run_dir: Optional[str] = setting(
+        None, "Folder for checkpoints, logs and previews (default: runs/<output_name> next to the YAML). "
+        "Kept outside output_dir so the WebUI never lists training state as a LoRA.", "Model/Output",
+        path="out", resume="free", advanced=True)
+    save_precision: str = setting("fp16", "Precision of the saved LoRA file.", "Model/Output",
+                                  choices=("fp32", "fp16", "bf16"), resume="free")
+    trigger_word: Optional[str] = setting(None, "Optional trigger word recorded as the LoRA's activation "
+                                          "text.", "Model/Output", resume="free")
+
+    # ---- LoRA ---------------------------------------------------------------------------------------
+    lora_rank: int = setting(8, "LoRA rank (network dim).", "LoRA", min=1, max=1024, resume="fixed")
+    lora_alpha: Optional[float] = setting(None, "LoRA alpha; the update is scaled by alpha/rank. "
+                                          "Default: equal to lora_rank (scale 1).", "LoRA", min=0.0,
+                                          resume="fixed")
+    target_modules: str = setting(
+        "attn-mlp", "Which UNet layers get LoRA: 'attn' (attention q/k/v/out), 'attn-mlp' (+ feed-forward "
+        "and proj_in/out, kohya's default) or 'locon' (+ ResNet and sampler convolutions).", "LoRA",
+        choices=("attn", "attn-mlp", "locon"), resume="fixed")
+    conv_rank: Optional[int] = setting(None, "Rank for 3x3 convolutions with target_modules: locon "
+                                       "(default lora_rank).", "LoRA", min=1, max=1024, resume="fixed",
+                                       advanced=True)
+    conv_alpha: Optional[float] = setting(None, "Alpha for 3x3 convolutions (default conv_rank).", "LoRA",
+                                          min=0.0, resume="fixed", advanced=True)
+    train_text_encoder: bool = setting(False, "Also train LoRA on the text encoder(s).", "LoRA",
+                                       resume="fixed")
+    init_lora_from: Optional[str] = setting(
+        None, "Start from an existing kohya LoRA file (incremental training). Its rank must equal "
+        "lora_rank.", "LoRA", path="file", resume="fixed")
+
+    # ---- Training -----------------------------------------------------------------------------------
+    batch_size: int = setting(1, "Images per micro-batch.", "Training", min=1, max=1024, resume="fixed")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step (effective batch = "
+                                               "batch_size x this).", "Training", min=1, max=4096,
+                                               resume="fixed")
+    epochs: int = setting(10, "Passes over the dataset (with repeats).", "Training", min=1, max=100000)
+    max_train_steps: Optional[int] = setting(None, "Stop after this many optimizer steps (overrides "
+                                             "epochs when smaller).", "Training", min=1)
+    learning_rate: float = setting(1e-4, "UNet LoRA learning rate.", "Training", min=0.0, max=1.0)
+    text_encoder_lr: Optional[float] = setting(None, "Text-encoder LoRA learning rate (default "
+                                               "learning_rate).", "Training", min=0.0, max=1.0)
+    optimizer: str = setting("adamw", "Optimizer: 'adamw' or 'adamw8bit' (needs bitsandbytes).",
+                             "Training", choices=("adamw", "adamw8bit"), resume="fixed")
+    weight_decay: float = setting(1e-2, "AdamW weight decay.", "Training", min=0.0, max=1.0,
+                                  advanced=True)
+    lr_scheduler: str = setting("constant", "Learning-rate schedule after warm-up.", "Training",
+                                choices=("constant", "cosine", "linear"))
+    lr_warmup_steps: int = setting(0, "Optimizer steps of linear warm-up from 0.", "Training", min=0)
+    max_grad_norm: Optional[float] = setting(1.0, "Clip the gradient norm to this (empty: no clipping).",
+                                             "Training", min=0.0)
+    mixed_precision: str = setting("no", "'no' (fp32), 'fp16' (CUDA only; uses a grad scaler) or 'bf16'.",
+                                   "Training", choices=("no", "fp16", "bf16"), resume="fixed")
+    gradient_checkpointing: bool = setting(False, "Trade compute for memory (recompute activations).",
+                                           "Training", resume="free")
+    seed: int = setting(42, "Seed for data order, crops, captions, noise and timesteps.", "Training",
+                        min=0, max=2**31 - 1, resume="fixed")
+    noise_offset: float = setting(0.0, "Noise offset (helps very dark/bright images; 0.05-0.1 typical).",
+                                  "Training", min=0.0, max=1.0, resume="fixed", advanced=True)
+    min_snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5 is typical; empty: "
+                                             "off).", "Training", min=0.0, resume="fixed", advanced=True)
+    prediction_type: Optional[str] = setting(None, "Override the model's prediction target (default: "
+                                             "detected).", "Training", choices=("epsilon", "v_prediction"),
+                                             resume="fixed", advanced=True)
+    device: str = setting("auto", "'auto' (CUDA if available), 'cuda', 'cuda:N' or 'cpu'.", "Training",
+                          resume="free", advanced=True)
+
+    # ---- Checkpoints --------------------------------------------------------------------------------
+    save_steps: int = setting(100, "Write a crash-safe checkpoint (and refresh the LoRA file) every N "
+                              "optimizer steps (0: only at the end and on stop).", "Checkpoints", min=0,
+                              resume="free")
+    keep_last_n_checkpoints: int = setting(3, "Checkpoints kept in the run folder (older ones are pruned "
+                                           "after a newer one is valid).", "Checkpoints", min=1,
+                                           resume="free")
+    save_snapshots: bool = setting(False, "Also keep <name>-<step>.safetensors next to the LoRA at every "
+                                   "save_steps.", "Checkpoints", resume="free")
+    resume: bool = setting(True, "Continue from the newest valid checkpoint in run_dir when one exists.",
+                           "Checkpoints", resume="free")
+
+    # ---- Previews -----------------------------------------------------------------------------------
+    preview_prompts: list = setting(None, "Prompts rendered during training; may contain "
+                                    "<lora:NAME:0.7> and kohya's --n/--w/--h/--s/--l/--d options.",
+                                    "Previews", resume="free", factory=list)
+    preview_every_n_steps: int = setting(0, "Render previews every N optimizer steps (0: off).",
+                                         "Previews", min=0, resume="free")
+
+    # ---- Advanced -----------------------------------------------------------------------------------
+    log_every_n_steps: int = setting(10, "Write loss/lr/speed/memory to logs/train.log every N steps.",
+                                     "Advanced", min=1, resume="free", advanced=True)
+    tensorboard: bool = setting(True, "Write TensorBoard events to <run_dir>/tensorboard when "
+                                "tensorboard is installed.", "Advanced", resume="free", advanced=True)
+    num_threads: Optional[int] = setting(None, "CPU threads for torch (default: torch's choice). Stored "
+                                         "in checkpoints so a CPU resume is bit-identical.", "Advanced",
+                                         min=1, max=1024, resume="free", advanced=True)
+
+
+def fields_of(cls=TrainConfig):
+    return [f for f in dataclasses.fields(cls)]
+
+
+def field_meta(name: str) -> dict:
+    return next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == name)

@@ -1,0 +1,49 @@
+"""Which layers get an adapter: data, not code per model family.
+
+A backbone lists every LoRA-able layer once as a `LoraTarget` (kohya name, module, component, role);
+a preset is just the set of roles it trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+# role of a layer inside the UNet
+ATTENTION = "attn"          # to_q / to_k / to_v / to_out.0
+FEED_FORWARD = "ff"         # ff.net.0.proj / ff.net.2
+PROJECTION = "proj"         # proj_in / proj_out of a transformer block
+RESNET = "resnet"           # conv1 / conv2 / conv_shortcut / time_emb_proj
+SAMPLER = "sampler"         # down/up-sampler convolutions
+TEXT = "text"               # any text-encoder Linear
+
+UNET_PRESETS = {
+    "attn": {ATTENTION},
+    "attn-mlp": {ATTENTION, FEED_FORWARD, PROJECTION},
+    "locon": {ATTENTION, FEED_FORWARD, PROJECTION, RESNET, SAMPLER},
+}
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    name: str            # kohya layer name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    module: nn.Module    # the live base layer (Linear or Conv2d)
+    component: str       # "unet", "te" (SD1/SD2), "te1"/"te2" (SDXL)
+    role: str
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component != "unet"
+
+    @property
+    def is_conv3x3(self) -> bool:
+        return isinstance(self.module, nn.Conv2d) and self.module.kernel_size != (1, 1)
+
+
+def select_targets(all_targets: list[LoraTarget], preset: str, train_text_encoder: bool) -> list[LoraTarget]:
+    roles = UNET_PRESETS[preset]
+    chosen = [t for t in all_targets
+              if (t.component == "unet" and t.role in roles) or (t.is_text_encoder and train_text_encoder)]
+    if not chosen:
+        raise ValueError(f"target_modules '{preset}' matched no layer of this model")
+    return chosen

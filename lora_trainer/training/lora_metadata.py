@@ -1,0 +1,87 @@
+"""The metadata written into the LoRA file: what kohya writes and the WebUI / Forge / ComfyUI read.
+
+The WebUI uses `ss_output_name` as the alias in `<lora:alias:w>` (so it is the file's own stem: a
+snapshot must not steal the final file's alias), `ss_base_model_version` / `modelspec.architecture`
+to show the LoRA only for matching models, and `ss_tag_frequency` for the card's tag list.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config.load import config_to_dict
+
+
+def _dataset_dirs(index) -> dict:
+    dirs: dict[str, dict] = {}
+    for r in index.records:
+        key = r.folder or Path(r.rel_path).parent.as_posix() or "."
+        d = dirs.setdefault(key, {"n_repeats": r.repeats, "img_count": 0})
+        d["img_count"] += 1
+    return dirs
+
+
+def lora_metadata(trainer, output_name: str) -> dict:
+    cfg, backbone, plan = trainer.cfg, trainer.backbone, trainer.plan
+    family = backbone.family
+    identity = backbone.identity()
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+    network_args = {}
+    if cfg.target_modules == "locon":
+        network_args = {"conv_dim": str(cfg.conv_rank or cfg.lora_rank),
+                        "conv_alpha": str(cfg.conv_alpha if cfg.conv_alpha is not None else alpha)}
+    res = f"({cfg.resolution}, {cfg.resolution})"
+    meta = {
+        "ss_output_name": output_name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.lora_rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(network_args) if network_args else None,
+        "ss_base_model_version": family.ss_base_model_version,
+        "ss_v2": str(family.name == "sd2"),
+        "ss_sd_model_name": Path(identity.get("source", "")).name,
+        "ss_sd_model_hash": identity.get("hash", ""),
+        "ss_resolution": res,
+        "ss_num_train_images": str(trainer.index.num_samples),
+        "ss_num_reg_images": "0",
+        "ss_tag_frequency": json.dumps(trainer.index.tag_frequency()),
+        "ss_dataset_dirs": json.dumps(_dataset_dirs(trainer.index)),
+        "ss_training_started_at": str(int(trainer.started_at)),
+        "ss_training_finished_at": str(int(time.time())),
+        "ss_steps": str(trainer.position.global_step),
+        "ss_epoch": str(trainer.position.epoch),
+        "ss_num_epochs": str(cfg.epochs),
+        "ss_max_train_steps": str(plan.total_steps),
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.learning_rate),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else "0",
+        "ss_network_train_unet_only": str(not cfg.train_text_encoder),
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+        "ss_total_batch_size": str(plan.effective_batch),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+        "ss_optimizer": cfg.optimizer,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_seed": str(cfg.seed),
+        "ss_noise_offset": str(cfg.noise_offset) if cfg.noise_offset else None,
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma) if cfg.min_snr_gamma else None,
+        "ss_shuffle_caption": str(cfg.shuffle_caption),
+        "ss_keep_tokens": str(cfg.keep_tokens),
+        "ss_caption_dropout_rate": str(cfg.caption_dropout_rate),
+        "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_clip_skip": "None",
+        "ss_prediction_type": backbone.prediction_type,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if family.name == "sdxl" else "diffusers",
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
+        "lora_trainer_config": json.dumps(config_to_dict(cfg), default=str),
+    }
+    if cfg.trigger_word:
+        meta["modelspec.trigger_phrase"] = cfg.trigger_word
+    return {k: v for k, v in meta.items() if v is not None}

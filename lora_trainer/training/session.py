@@ -1,0 +1,92 @@
+"""Headless entry point: config -> data -> backbone -> Trainer. The CLI and the standalone UI call
+`train_from_config`; the WebUI builds its own backbone and calls `run_training` directly."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config.load import cfg_warnings, write_effective_config
+from ..data.discovery import discover
+from ..monitor.logfile import attach_run_log
+from .control import TrainingControl
+from .trainer import Trainer, TrainResult
+
+log = logging.getLogger("lora_trainer")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: '{name}' but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return device
+
+
+def base_dtype(cfg, device: torch.device) -> torch.dtype:
+    """Frozen base weights in half precision on a GPU (the LoRA itself stays fp32)."""
+    if device.type == "cuda" and cfg.mixed_precision == "fp16":
+        return torch.float16
+    if device.type == "cuda" and cfg.mixed_precision == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def index_dataset(cfg):
+    return discover(cfg.train_data_dir, metadata_path=cfg.metadata_path,
+                    caption_extension=cfg.caption_extension, default_repeats=cfg.repeats,
+                    bad_image_policy=cfg.bad_image_policy)
+
+
+def set_aside_old_run(run_dir: Path) -> Path | None:
+    """`resume: false` on a folder that holds a run: keep the old run under a new name."""
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    target = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(run_dir), str(target))
+    return target
+
+
+def run_training(cfg, backbone, control=None, observers=(), previewer=None, force_resume=False,
+                 index=None) -> TrainResult:
+    run_dir = Path(cfg.run_dir)
+    if not cfg.resume:
+        moved = set_aside_old_run(run_dir)
+        if moved:
+            log.info("resume is off: the previous run was moved to %s", moved)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with attach_run_log(run_dir):
+        try:
+            for w in cfg_warnings(cfg):
+                log.warning(w)
+            index = index or index_dataset(cfg)
+            for w in index.warnings:
+                log.warning(w)
+            write_effective_config(cfg, run_dir)
+            trainer = Trainer(cfg, backbone, index, control or TrainingControl(), observers,
+                              previewer, force_resume)
+            return trainer.run()
+        except Exception:
+            # the stack goes to train.log only; the console shows the message (see cli)
+            log.error("training failed", exc_info=True, extra={"file_only": True})
+            raise
+
+
+def train_from_config(cfg, control=None, observers=(), force_resume=False) -> TrainResult:
+    from ..backbones.diffusers_sd import load_backbone  # diffusers only for headless runs
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    index = index_dataset(cfg)  # data errors before the (slow) model load
+    backbone = load_backbone(cfg.base_model, cfg.base_model_config, device=device,
+                             dtype=base_dtype(cfg, device), prediction_type=cfg.prediction_type)
+    return run_training(cfg, backbone, control, observers, None, force_resume, index=index)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub from a training run

@@ -1,0 +1,292 @@
+"""The training loop. It sees a config, a dataset index and a Backbone — never diffusers, gradio or
+the WebUI — so the same loop trains a model loaded from disk or the one the WebUI already holds."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..lora.kohya_file import load_into_network, network_tensors, read_lora_file, save_lora_file
+from ..lora.network import LoRANetwork
+from ..lora.targets import select_targets
+from ..storage.checkpoints import CheckpointStore
+from . import resume as resume_mod
+from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
+from .lora_metadata import lora_metadata
+from .objective import add_noise, min_snr_weights, per_sample_loss, target_for
+from .optim import build_optimizer, build_scheduler
+from .plan import TrainingPlan, iterate_steps
+from .samples import SampleSource
+
+log = logging.getLogger("lora_trainer")
+
+
+@dataclass
+class TrainResult:
+    status: str               # "finished" | "stopped" | "already_finished"
+    step: int
+    total_steps: int
+    lora_path: Path
+    run_dir: Path
+    last_checkpoint: Path | None
+    message: str = ""
+
+
+class Trainer:
+    def __init__(self, cfg, backbone, index, control: TrainingControl | None = None,
+                 observers: list[TrainingObserver] = (), previewer=None, force_resume: bool = False):
+        self.cfg, self.backbone, self.index = cfg, backbone, index
+        self.control = control or TrainingControl()
+        self.observer = ObserverGroup(observers)
+        self.previewer = previewer
+        self.force_resume = force_resume
+        self.run_dir = Path(cfg.run_dir)
+        self.lora_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
+        self.store = CheckpointStore(self.run_dir)
+        self.plan = TrainingPlan(index.num_samples, cfg.batch_size, cfg.gradient_accumulation_steps,
+                                 cfg.epochs, cfg.max_train_steps)
+        self.position = resume_mod.Position()
+        self.micro_batch_size = cfg.batch_size
+        self.last_loss: float | None = None
+        self.recent_losses: list[float] = []
+        self.started_at = time.time()
+        self.last_checkpoint: Path | None = None
+        self._build_network()
+        self._build_optimizer()
+        self.samples = SampleSource(cfg, index, backbone)
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        log.info(text)
+        self.observer.on_message(text)
+
+    def _build_network(self) -> None:
+        cfg = self.cfg
+        self.backbone.freeze()
+        self.backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        targets = select_targets(self.backbone.lora_targets(), cfg.target_modules, cfg.train_text_encoder)
+        # torch's global RNG initialises the adapters: seed it so a fresh run is reproducible
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.network = LoRANetwork(targets, cfg.lora_rank, cfg.lora_alpha, cfg.conv_rank, cfg.conv_alpha)
+        if cfg.init_lora_from:
+            tensors, _ = read_lora_file(cfg.init_lora_from)
+            load_into_network(self.network, tensors, cfg.init_lora_from)
+            self.say(f"Initialised the LoRA from {cfg.init_lora_from}")
+        self.network.to(self.backbone.device, torch.float32)
+        self.network.attach()
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        unet = self.network.trainable_parameters(text_encoder=False)
+        te = self.network.trainable_parameters(text_encoder=True)
+        self.named_params = unet + te   # fixed order: the optimizer state is mapped by these names
+        groups = [{"params": [p for _, p in unet], "lr": cfg.learning_rate}]
+        if te:
+            groups.append({"params": [p for _, p in te], "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps,
+                                         self.plan.total_steps)
+        self.scaler = None
+        if cfg.mixed_precision == "fp16":
+            if self.backbone.device.type != "cuda":
+                raise ValueError("mixed_precision: fp16 needs a CUDA GPU; use 'no' or 'bf16' on CPU")
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def _autocast(self):
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.backbone.device.type, dtype=dtype)
+
+    # ---- resume ------------------------------------------------------------------------------------
+    def _maybe_resume(self) -> bool:
+        self.store.cleanup_temp()
+        if not self.cfg.resume:
+            return False
+        info, warnings = self.store.latest_valid()
+        for w in warnings:
+            log.warning(w)
+            self.observer.on_message(w)
+        if info is None:
+            return False
+        tensors, state = self.store.load(info)
+        for note in resume_mod.check_compatible(state, self, self.force_resume):
+            self.say(note)
+        resume_mod.restore(self, tensors, state)
+        self._apply_config_learning_rates(state)
+        self.last_checkpoint = info.path
+        self.say(f"Resuming from step {self.position.global_step} of {self.plan.total_steps} "
+                 f"({info.path.name})")
+        return True
+
+    def _apply_config_learning_rates(self, state: dict) -> None:
+        """After --force-resume with a new learning rate, the restored scheduler still holds the old
+        base rates; switch them to the config's. Untouched when unchanged (keeps resume bit-exact)."""
+        old = state.get("config", {})
+        wanted = [self.cfg.learning_rate, self.cfg.text_encoder_lr or self.cfg.learning_rate]
+        before = [old.get("learning_rate"), old.get("text_encoder_lr") or old.get("learning_rate")]
+        if wanted[:len(self.optimizer.param_groups)] == before[:len(self.optimizer.param_groups)]:
+            return
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["initial_lr"] = wanted[i]
+            self.scheduler.base_lrs[i] = wanted[i]
+            group["lr"] = wanted[i] * factor
+
+    # ---- saving ------------------------------------------------------------------------------------
+    def save_lora(self, path: Path | None = None) -> Path:
+        path = path or self.lora_path
+        metadata = lora_metadata(self, output_name=path.stem)
+        save_lora_file(path, network_tensors(self.network, self.cfg.save_precision), metadata)
+        self.observer.on_lora_saved(path)
+        return path
+
+    def save_checkpoint(self) -> Path:
+        """LoRA file first, then the checkpoint: a crash between the two leaves a LoRA that is at
+        most one checkpoint ahead, never a checkpoint whose LoRA file is missing."""
+        step = self.position.global_step
+        self.save_lora()
+        if self.cfg.save_snapshots and step < self.plan.total_steps:
+            self.save_lora(self.lora_path.with_name(f"{self.cfg.output_name}-{step:06d}.safetensors"))
+        tensor_files, state = resume_mod.capture(self)
+        path = self.store.save(step, tensor_files, state)
+        self.store.prune(self.cfg.keep_last_n_checkpoints)
+        self.last_checkpoint = path
+        self.observer.on_checkpoint(step, path)
+        log.info("Saved checkpoint %s", path)
+        return path
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        resumed = self._maybe_resume()
+        total = self.plan.total_steps
+        if resumed and self.position.global_step >= total:
+            msg = (f"This run already finished at step {self.position.global_step}; the LoRA is "
+                   f"{self.lora_path}. Use --no-resume to train again.")
+            self.say(msg)
+            return self._result("already_finished", msg)
+        self.samples.precompute_latents()
+        self.observer.on_start(self._start_info(resumed))
+        if self.previewer and not resumed:
+            self._preview()
+        steps = iterate_steps(self.plan, self.index, self.cfg.seed, self.position.epoch,
+                              self.position.batch_in_epoch)
+        for step_slice in steps:
+            if self.position.global_step >= total:
+                break
+            self._train_step(step_slice)
+            if self._after_step():
+                break
+        return self._finish()
+
+    def _train_step(self, step_slice) -> None:
+        t0 = time.perf_counter()
+        items = [item for batch in step_slice.batches for item in batch]
+        loss_sum = 0.0
+        for batch in step_slice.batches:
+            for start in range(0, len(batch), self.micro_batch_size):
+                chunk = batch[start:start + self.micro_batch_size]
+                loss_sum += self._forward_backward(step_slice.epoch, chunk, weight=len(chunk) / len(items))
+        grad_norm = self._optimizer_step()
+        self.position.global_step += 1
+        self.position.epoch = step_slice.epoch
+        self.position.batch_in_epoch = step_slice.first_batch + len(step_slice.batches)
+        if self.position.batch_in_epoch >= self.plan.batches_per_epoch:
+            self.position.epoch += 1
+            self.position.batch_in_epoch = 0
+        self.position.samples_seen += len(items)
+        self.last_loss = loss_sum
+        self.recent_losses.append(loss_sum)
+        self.observer.on_step(StepReport(
+            step=self.position.global_step, total_steps=self.plan.total_steps, epoch=step_slice.epoch,
+            loss=loss_sum, lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+            seconds=time.perf_counter() - t0, samples=len(items)))
+
+    def _forward_backward(self, epoch: int, chunk, weight: float) -> float:
+        """Loss of one micro-batch, scaled so the step's gradient is the mean over all its samples
+        however the samples are split into micro-batches."""
+        latents, captions, noise, timesteps = self.samples.batch(epoch, chunk)
+        device = self.backbone.device
+        latents, noise = latents.to(device), noise.to(device)
+        acp = self.backbone.alphas_cumprod
+        with self._autocast():
+            cond = self.samples.conditioning(captions)
+            noisy = add_noise(latents, noise, timesteps, acp)
+            prediction = self.backbone.predict(noisy, timesteps, cond)
+        target = target_for(self.backbone.prediction_type, latents, noise, timesteps, acp)
+        losses = per_sample_loss(prediction, target)
+        if self.cfg.min_snr_gamma:
+            losses = losses * min_snr_weights(timesteps, acp, self.cfg.min_snr_gamma,
+                                              self.backbone.prediction_type).to(losses.device)
+        loss = losses.mean() * weight
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> float | None:
+        params = [p for _, p in self.named_params]
+        grad_norm = None
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _after_step(self) -> bool:
+        """Checkpoints, previews and stop requests, between steps. Returns True to stop."""
+        step, cfg = self.position.global_step, self.cfg
+        finished = step >= self.plan.total_steps
+        if not finished and ((cfg.save_steps and step % cfg.save_steps == 0) or self.control.save_now.is_set()):
+            self.control.save_now.clear()
+            self.save_checkpoint()
+        if self.previewer and not finished and (
+                (cfg.preview_every_n_steps and step % cfg.preview_every_n_steps == 0)
+                or self.control.preview_now.is_set()):
+            self.control.preview_now.clear()
+            self._preview()
+        return self.control.stop.is_set() and not finished
+
+    def _preview(self) -> None:
+        paths = self.previewer.render(self, self.position.global_step)
+        self.observer.on_preview(self.position.global_step, paths)
+
+    def _finish(self) -> TrainResult:
+        step, total = self.position.global_step, self.plan.total_steps
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{step:08d}":
+            self.save_checkpoint()
+        if step >= total:
+            if self.previewer:
+                self._preview()
+            result = self._result("finished", f"Finished {step} steps. LoRA: {self.lora_path} "
+                                              f"- use it as <lora:{self.cfg.output_name}:0.7>")
+        else:
+            result = self._result("stopped", f"Stopped at step {step} of {total} "
+                                             f"({self.control.stop_reason}); checkpoint saved. Run the "
+                                             "same command again to resume.")
+        self.say(result.message)
+        self.observer.on_end(result)
+        return result
+
+    def _result(self, status: str, message: str) -> TrainResult:
+        return TrainResult(status, self.position.global_step, self.plan.total_steps, self.lora_path,
+                           self.run_dir, self.last_checkpoint, message)
+
+    def _start_info(self, resumed: bool) -> dict:
+        trainable = sum(p.numel() for _, p in self.named_params)
+        return {"resumed": resumed, "start_step": self.position.global_step,
+                "total_steps": self.plan.total_steps, "epochs": self.plan.epochs,
+                "steps_per_epoch": self.plan.steps_per_epoch, "num_images": self.index.num_images,
+                "num_samples": self.index.num_samples, "effective_batch": self.plan.effective_batch,
+                "trainable_parameters": trainable, "lora_layers": len(self.network.adapters),
+                "run_dir": str(self.run_dir), "lora_path": str(self.lora_path)}
