@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -37,6 +38,12 @@ def _add_checkpoints(sub) -> None:
     p.set_defaults(func=cmd_checkpoints)
 
 
+# Subcommands that live with their feature: each module has `register(subparsers)` which adds its
+# parser and sets `func`. Imported lazily per module so `lora-trainer train` never loads the UI.
+FEATURE_COMMANDS = [
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-trainer", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="Debug logging on the console.")
@@ -44,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     _add_checkpoints(sub)
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -129,10 +129,11 @@ def load_config_dicts(folder: str | os.PathLike = SD1_CONFIG_DIR) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_models_from_configs(configs: Mapping, seed: int = 0) -> dict:
+def build_models_from_configs(configs: Mapping, seed: int = 0, rerandomise_zeros: bool = True) -> dict:
     """Random-init UNet, VAE and text encoder from config dicts, deterministically for ``seed``.
 
     Runs inside ``torch.random.fork_rng`` so callers' global RNG state is left untouched.
+    ``rerandomise_zeros=False`` skips the zero-tensor pass (needed under ``torch.device("meta")``).
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -147,7 +148,8 @@ def build_models_from_configs(configs: Mapping, seed: int = 0) -> dict:
         text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config_kwargs(configs["text_encoder"])))
     generator = torch.Generator().manual_seed(seed + 3)
     for model in (unet, vae, text_encoder):
-        rerandomise_zero_parameters(model, generator)
+        if rerandomise_zeros:
+            rerandomise_zero_parameters(model, generator)
         model.eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 

@@ -18,6 +18,7 @@ from . import resume as resume_mod
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
 from .lora_metadata import lora_metadata
 from .objective import add_noise, min_snr_weights, per_sample_loss, target_for
+from .oom import OutOfMemoryStop, free_device_memory, is_out_of_memory, next_oom_action, oom_advice
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan, iterate_steps
 from .samples import SampleSource
@@ -51,6 +52,7 @@ class Trainer:
                                  cfg.epochs, cfg.max_train_steps)
         self.position = resume_mod.Position()
         self.micro_batch_size = cfg.batch_size
+        self._checkpointing_forced = False
         self.last_loss: float | None = None
         self.recent_losses: list[float] = []
         self.started_at = time.time()
@@ -187,11 +189,14 @@ class Trainer:
     def _train_step(self, step_slice) -> None:
         t0 = time.perf_counter()
         items = [item for batch in step_slice.batches for item in batch]
-        loss_sum = 0.0
-        for batch in step_slice.batches:
-            for start in range(0, len(batch), self.micro_batch_size):
-                chunk = batch[start:start + self.micro_batch_size]
-                loss_sum += self._forward_backward(step_slice.epoch, chunk, weight=len(chunk) / len(items))
+        while True:
+            try:
+                loss_sum = self._accumulate(step_slice, items)
+                break
+            except Exception as error:  # only out-of-memory is recovered; anything else propagates
+                if not is_out_of_memory(error):
+                    raise
+                self._recover_from_oom(error)
         grad_norm = self._optimizer_step()
         self.position.global_step += 1
         self.position.epoch = step_slice.epoch
@@ -206,6 +211,33 @@ class Trainer:
             step=self.position.global_step, total_steps=self.plan.total_steps, epoch=step_slice.epoch,
             loss=loss_sum, lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
             seconds=time.perf_counter() - t0, samples=len(items)))
+
+    def _accumulate(self, step_slice, items) -> float:
+        """Forward/backward over the step's batches in micro-batches of `micro_batch_size`: after
+        an OOM the same samples are split finer, so the step's gradient stays the same."""
+        loss_sum = 0.0
+        for batch in step_slice.batches:
+            for start in range(0, len(batch), self.micro_batch_size):
+                chunk = batch[start:start + self.micro_batch_size]
+                loss_sum += self._forward_backward(step_slice.epoch, chunk, weight=len(chunk) / len(items))
+        return loss_sum
+
+    def _recover_from_oom(self, error) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        free_device_memory(self.backbone.device)
+        action = next_oom_action(self.micro_batch_size, self.cfg.gradient_checkpointing
+                                 or self._checkpointing_forced)
+        if action == "halve":
+            self.micro_batch_size //= 2
+            self.say(f"Out of memory at step {self.position.global_step + 1}: micro-batch halved to "
+                     f"{self.micro_batch_size} (gradient accumulation doubled; effective batch "
+                     f"unchanged). Retrying the step.")
+        elif action == "checkpointing":
+            self._checkpointing_forced = True
+            self.backbone.set_gradient_checkpointing(True)
+            self.say("Out of memory at micro-batch 1: gradient checkpointing enabled. Retrying the step.")
+        else:
+            raise OutOfMemoryStop(oom_advice(self.cfg)) from error
 
     def _forward_backward(self, epoch: int, chunk, weight: float) -> float:
         """Loss of one micro-batch, scaled so the step's gradient is the mean over all its samples
