@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_trainer.backbones import ldm_keys
 from lora_trainer.backbones.ldm_keys import (
     CheckpointKeyError,
     diffusers_to_ldm,
@@ -166,6 +165,8 @@ def test_unet_module_names(tiny):
         "down_blocks.0.attentions.1.proj_in"
     with pytest.raises(CheckpointKeyError):
         unet_ldm_module_name("down_blocks.7.resnets.0.conv1", config)
+    # diffusers' frozen model.config (tuples, extra fields) works as well as the plain dict.
+    assert unet_ldm_module_name(path, tiny["unet"].config) == "input_blocks.2.1.transformer_blocks.0.attn1.to_q"
 
 
 def test_every_unet_parameter_module_maps_both_ways(tiny):

@@ -164,6 +164,7 @@ def cached_tokenizer_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=root))
     try:
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache may be shared (e.g. with a WebUI user)
         write_tokenizer_files(staging, bpe_path)
         try:
             os.rename(staging, folder)

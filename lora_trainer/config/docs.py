@@ -58,6 +58,8 @@ def _cell(text: str) -> str:
 
 def _type_cell(spec: FieldSpec) -> str:
     text = _PATH_NAMES[spec.meta["path"]] if spec.meta.get("path") else _TYPE_NAMES[spec.kind]
+    if spec.kind == "list" and spec.meta.get("item") == "float":
+        text = "list of numbers"
     return text + (" or empty" if spec.optional else "")
 
 

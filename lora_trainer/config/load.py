@@ -199,6 +199,17 @@ def _to_str_list(value) -> list:
     return [item for item in value if item.strip()]
 
 
+def _to_float_list(value) -> list:
+    """A list of numbers; a string is split on commas ("0, 0.4, 1" from a UI text box)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    elif not isinstance(value, list):
+        value = [value]
+    return [_to_float(item) for item in value]
+
+
 _CONVERTERS = {"bool": _to_bool, "int": _to_int, "float": _to_float, "str": _to_str,
                "list": _to_str_list}
 
@@ -249,7 +260,7 @@ def coerce_value(name: str, raw):
     """
     spec = field_specs()[name]
     if spec.kind == "list":
-        return _to_str_list(raw)
+        return _to_float_list(raw) if spec.meta.get("item") == "float" else _to_str_list(raw)
     if _is_blank(raw) and spec.optional:
         return None
     if raw is None:

@@ -23,9 +23,10 @@ GROUPS = ("Data", "Model/Output", "LoRA", "Training", "Checkpoints", "Previews",
 
 
 def setting(default: Any, help: str, group: str, *, choices=None, min=None, max=None, path=None,
-            resume: str = "force", advanced: bool = False, factory=None):
+            resume: str = "force", advanced: bool = False, factory=None, item: str = "str"):
+    """`item` is the type of a list field's entries: "str" (default) or "float"."""
     meta = dict(help=help, group=group, choices=choices, min=min, max=max, path=path,
-                resume=resume, advanced=advanced)
+                resume=resume, advanced=advanced, item=item)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -156,6 +157,34 @@ class TrainConfig:
                                     "Previews", resume="free", factory=list)
     preview_every_n_steps: int = setting(0, "Render previews every N optimizer steps (0: off).",
                                          "Previews", min=0, resume="free")
+    preview_steps: int = setting(20, "Sampling steps per preview image (a prompt's --s overrides it).",
+                                 "Previews", min=1, max=1000, resume="free")
+    preview_width: Optional[int] = setting(None, "Preview width in pixels, a multiple of 8 (default: "
+                                           "resolution; a prompt's --w overrides it).", "Previews",
+                                           min=64, max=4096, resume="free")
+    preview_height: Optional[int] = setting(None, "Preview height in pixels, a multiple of 8 (default: "
+                                            "resolution; a prompt's --h overrides it).", "Previews",
+                                            min=64, max=4096, resume="free")
+    preview_cfg_scale: float = setting(7.0, "Classifier-free guidance scale (a prompt's --l overrides "
+                                       "it).", "Previews", min=0.0, max=100.0, resume="free")
+    preview_sampler: str = setting("euler", "Preview sampler ('euler_a' is Euler ancestral).",
+                                   "Previews", choices=("euler", "euler_a", "ddim"), resume="free")
+    preview_seed: int = setting(1234, "Seed of every preview image (a prompt's --d overrides it); the "
+                                "same seed at every step shows how the LoRA changes.", "Previews",
+                                min=0, max=2**32 - 1, resume="free")
+    preview_negative_prompt: str = setting("", "Negative prompt for previews (a prompt's --n overrides "
+                                           "it).", "Previews", resume="free")
+    preview_weight_sweep: list = setting(None, "Render the first preview prompt at each of these LoRA "
+                                         "weights in one labelled grid, e.g. [0, 0.4, 0.7, 1.0] "
+                                         "(empty: off).", "Previews", resume="free", factory=list,
+                                         item="float")
+    lora_dir: Optional[str] = setting(None, "Folder (with sub-folders) of other LoRAs that preview "
+                                      "prompts name, e.g. the WebUI's models/Lora (default: "
+                                      "output_dir).", "Previews", path="dir", resume="free",
+                                      advanced=True)
+    write_card: bool = setting(True, "Write the WebUI card files next to the LoRA: <name>.preview.png "
+                               "and <name>.json (description, activation text, notes). Fields you "
+                               "edited by hand are never overwritten.", "Previews", resume="free")
 
     # ---- Advanced -----------------------------------------------------------------------------------
     log_every_n_steps: int = setting(10, "Write loss/lr/speed/memory to logs/train.log every N steps.",

@@ -1,0 +1,138 @@
+"""What goes into `<run_dir>/logs/train.log` besides the trainer's own messages: the effective
+config, the environment, the dataset, a progress line every `log_every_n_steps` steps, and
+checkpoint/preview events. The file itself (rotation, flushing) is `logfile.attach_run_log`; this
+module only writes records to the 'lora_trainer.run' logger, whose records reach that file.
+
+The point is a log that answers a bug report alone: which versions, which settings, how fast,
+how much memory, what happened last before it died.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+
+from ..config.load import dump_config
+from ..training.control import TrainingObserver
+from . import system
+
+log = logging.getLogger("lora_trainer.run")
+FILE_ONLY = {"file_only": True}   # the console has its progress bar; these lines are for the file
+
+
+def _info(text: str, *args) -> None:
+    log.info(text, *args, extra=FILE_ONLY)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def dataset_summary(index) -> str:
+    records = index.records
+    lines = [f"dataset: {index.num_images} images, {index.num_samples} samples per epoch, root {index.root}"]
+    if index.metadata_path:
+        lines.append(f"  captions from {index.metadata_path}")
+    folders = Counter(f"{r.repeats}_{r.folder}" if r.folder else f"{r.repeats}x (root)" for r in records)
+    lines.append("  folders: " + ", ".join(f"{name} ({count} images)" for name, count in sorted(folders.items())))
+    if records:
+        widths, heights = [r.width for r in records], [r.height for r in records]
+        lines.append(f"  image sizes: {min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px")
+    sources = Counter(r.caption_source for r in records)
+    lines.append("  caption sources: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+    if index.warnings:
+        lines.append(f"  {len(index.warnings)} dataset warning(s), listed above")
+    return "\n".join(lines)
+
+
+class RunLog(TrainingObserver):
+    """Progress, memory and events of one run, into train.log."""
+
+    def __init__(self, device, every_n_steps: int):
+        self.device = device
+        self.every = max(1, int(every_n_steps))
+        self.session_start = time.perf_counter()
+        self._window_start = self.session_start
+        self._window_steps = 0
+        self._window_losses: list[float] = []
+        self._logged_once = False
+
+    def write_header(self, cfg, backbone, index) -> None:
+        env = system.environment_info(backbone.device, getattr(backbone, "dtype", None))
+        _info("environment: %s", " ".join(f"{k}={v}" for k, v in env.items()))
+        identity = getattr(backbone, "identity", lambda: {})()
+        _info("base model: %s", " ".join(f"{k}={v}" for k, v in identity.items()))
+        _info("effective config:\n%s", dump_config(cfg).rstrip())
+        _info("%s", dataset_summary(index))
+
+    # ---- observer ----------------------------------------------------------------------------------
+    def on_start(self, info):
+        self._window_start = time.perf_counter()
+        _info("run %s at step %d of %d: %d epochs x %d steps, effective batch %d, %d LoRA layers "
+              "(%s trainable parameters), LoRA file %s",
+              "resumed" if info["resumed"] else "started", info["start_step"], info["total_steps"],
+              info["epochs"], info["steps_per_epoch"], info["effective_batch"], info["lora_layers"],
+              f"{info['trainable_parameters']:,}", info["lora_path"])
+        _info("memory at start: %s", system.format_memory(system.device_memory(self.device)))
+
+    def on_step(self, report):
+        self._window_steps += 1
+        self._window_losses.append(report.loss)
+        due = report.step % self.every == 0 or report.step == report.total_steps
+        if due or not self._logged_once:   # the first step too: early proof that training runs
+            self._log_progress(report)
+
+    def _log_progress(self, report) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        steps_per_s = self._window_steps / elapsed
+        eta = (report.total_steps - report.step) / steps_per_s
+        mean_loss = sum(self._window_losses) / len(self._window_losses)
+        grad = f" grad_norm {report.grad_norm:.4g}" if report.grad_norm is not None else ""
+        util = system.gpu_utilisation(self.device)
+        gpu = f" gpu_util {util}%" if util is not None else ""
+        _info("step %d/%d epoch %d loss %.5f (mean of %d: %.5f) lr %.3e%s | %.3f it/s %.2f samples/s "
+              "ETA %s | memory %s%s", report.step, report.total_steps, report.epoch, report.loss,
+              len(self._window_losses), mean_loss, report.lr, grad, steps_per_s,
+              report.samples / max(report.seconds, 1e-9), format_duration(eta),
+              system.format_memory(system.device_memory(self.device)), gpu)
+        self._window_start, self._window_steps, self._window_losses = now, 0, []
+        self._logged_once = True
+
+    def on_checkpoint(self, step, path):
+        _info("event checkpoint: step %d -> %s", step, path)
+
+    def on_lora_saved(self, path):
+        _info("event lora_saved: %s", path)
+
+    def on_preview(self, step, paths):
+        _info("event preview: step %d, %d image(s): %s", step, len(paths), ", ".join(map(str, paths)))
+
+    def on_end(self, result):
+        seconds = time.perf_counter() - self.session_start
+        _info("run %s at step %d of %d after %s in this session | memory %s", result.status,
+              result.step, result.total_steps, format_duration(seconds),
+              system.format_memory(system.device_memory(self.device)))
+
+
+@contextlib.contextmanager
+def run_monitors(cfg, backbone, index):
+    """The observers every run gets (train.log lines, TensorBoard when available); closed on exit,
+    also when training fails, so event files are complete for a crashed run too."""
+    from .tensorboard_log import open_tensorboard
+
+    run_log = RunLog(backbone.device, cfg.log_every_n_steps)
+    run_log.write_header(cfg, backbone, index)
+    monitors = [run_log]
+    board = open_tensorboard(cfg, backbone.device)
+    if board is not None:
+        monitors.append(board)
+    try:
+        yield monitors
+    finally:
+        for monitor in monitors:
+            getattr(monitor, "close", lambda: None)()

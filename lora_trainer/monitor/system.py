@@ -1,0 +1,191 @@
+"""Probes of the machine a run is on: package versions, device, memory, GPU utilisation, free space.
+
+Every probe answers "unknown" (None) instead of raising: a missing /proc, an absent pynvml or an
+odd driver must never stop a training run that only wanted to log a number.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+MIB = 1 << 20
+
+
+# ---- versions and environment ----------------------------------------------------------------------
+def package_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict:
+    """What a bug report needs to reproduce a run, in a stable key order."""
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "diffusers": package_version("diffusers"),
+            "transformers": package_version("transformers"), "safetensors": package_version("safetensors"),
+            "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if device is not None:
+        info["device"] = str(device)
+        if torch.device(device).type == "cuda":
+            info["gpu"] = gpu_name(torch.device(device))
+    if dtype is not None:
+        info["dtype"] = str(dtype).replace("torch.", "")
+    return info
+
+
+def gpu_name(device: torch.device) -> str | None:
+    try:
+        return torch.cuda.get_device_name(device)
+    except Exception:
+        return None
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int | None:
+    """A `VmXXX:  1234 kB` line of /proc/self/status (Linux), in KiB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rss_from_resource() -> int | None:
+    try:
+        import resource
+    except ImportError:   # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # macOS reports bytes, Linux KiB
+
+
+def cpu_memory() -> dict:
+    """Resident set size now and its peak, in bytes (None where the OS does not say)."""
+    rss, peak = _proc_status_kib("VmRSS"), _proc_status_kib("VmHWM")
+    return {"rss": rss * 1024 if rss is not None else None,
+            "rss_peak": peak * 1024 if peak is not None else _peak_rss_from_resource()}
+
+
+def cuda_memory(device: torch.device) -> dict:
+    return {"allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "peak": torch.cuda.max_memory_allocated(device)}
+
+
+def device_memory(device: torch.device | str) -> dict:
+    """Bytes: allocated/reserved/peak on CUDA, rss/rss_peak of this process otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return cuda_memory(device)
+        except Exception:
+            return {}
+    return cpu_memory()
+
+
+def reset_peak_memory(device: torch.device | str) -> bool:
+    """Start a new peak measurement. On Linux, writing 5 to clear_refs resets VmHWM; where that is
+    not possible, returns False and callers fall back to a before/after difference."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def format_memory(memory: dict) -> str:
+    return " ".join(f"{name} {value / MIB:.0f}MiB" for name, value in memory.items() if value is not None)
+
+
+# ---- GPU utilisation (NVML) ------------------------------------------------------------------------
+_nvml_handles: dict = {}
+
+
+def gpu_utilisation(device: torch.device | str) -> int | None:
+    """Percent of time the GPU was busy over the driver's last sample period; None without pynvml."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        handle = _nvml_handle(device)
+        import pynvml
+        return int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:   # no pynvml, no driver, no permission: utilisation is simply not logged
+        return None
+
+
+def _nvml_handle(device: torch.device):
+    import pynvml
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _nvml_handles:
+        pynvml.nvmlInit()
+        try:   # by PCI bus id: NVML numbers GPUs ignoring CUDA_VISIBLE_DEVICES, torch does not
+            handle = pynvml.nvmlDeviceGetHandleByPciBusId(_pci_bus_id(index))
+        except Exception:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        _nvml_handles[index] = handle
+    return _nvml_handles[index]
+
+
+def _pci_bus_id(index: int) -> str:
+    props = torch.cuda.get_device_properties(index)
+    return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+
+
+# ---- free resources --------------------------------------------------------------------------------
+def free_ram() -> int | None:
+    """Bytes the OS could give this process without swapping (MemAvailable on Linux)."""
+    kib = _meminfo_kib("MemAvailable")
+    if kib is not None:
+        return kib * 1024
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _meminfo_kib(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def free_disk(path) -> int | None:
+    """Free bytes on the disk that holds `path`, or would hold it once created."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def free_vram(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes on a CUDA device, as the driver sees it (other processes included)."""
+    try:
+        return torch.cuda.mem_get_info(device)
+    except Exception:
+        return None
