@@ -11,6 +11,12 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Latent/text caches go to a per-session folder, never to ~/.cache."""
+    os.environ["LORA_TRAINER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory) -> dict:
     """A tiny SD1 model written both ways: a WebUI-style single file (with its `<stem>.config/`

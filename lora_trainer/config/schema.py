@@ -49,6 +49,25 @@ class TrainConfig:
                               "Data", min=64, max=4096, resume="fixed")
     random_crop: bool = setting(False, "Crop at a random (seeded) position instead of the centre.", "Data",
                                 resume="fixed")
+    enable_bucket: bool = setting(True, "Aspect-ratio buckets: keep each image's shape (resized to cover "
+                                  "the closest bucket of about resolution² pixels) instead of a square "
+                                  "crop.", "Data", resume="fixed")
+    min_bucket_reso: Optional[int] = setting(None, "Smallest bucket side (default: resolution/2).", "Data",
+                                             min=64, max=8192, resume="fixed", advanced=True)
+    max_bucket_reso: Optional[int] = setting(None, "Largest bucket side (default: 2 x resolution).", "Data",
+                                             min=64, max=8192, resume="fixed", advanced=True)
+    bucket_reso_steps: int = setting(64, "Bucket sides are multiples of this (64 is safe for every model "
+                                     "family).", "Data", min=8, max=512, resume="fixed", advanced=True)
+    max_upscale_factor: float = setting(2.0, "Warn about images enlarged more than this to fill their "
+                                        "bucket (they come out blurry).", "Data", min=1.0, max=100.0,
+                                        resume="free", advanced=True)
+    cache_latents_to_disk: bool = setting(True, "Keep VAE latents (and fixed caption embeddings) in an "
+                                          "on-disk cache reused by later runs; entries are keyed by image "
+                                          "content, crop and model, and checksummed.", "Data",
+                                          resume="free", advanced=True)
+    cache_dir: Optional[str] = setting(None, "Cache folder (default: $LORA_TRAINER_CACHE or "
+                                       "~/.cache/lora_trainer).", "Data", path="out", resume="free",
+                                       advanced=True)
     shuffle_caption: bool = setting(False, "Shuffle comma-separated caption tags each time an image is used.",
                                     "Data", resume="fixed")
     keep_tokens: int = setting(0, "With shuffle_caption: keep this many leading tags in place (e.g. the "
@@ -58,6 +77,10 @@ class TrainConfig:
     bad_image_policy: str = setting("fail", "What to do with unreadable images: 'fail' (list them all and "
                                     "stop) or 'skip' (warn and train without them).", "Data",
                                     choices=("fail", "skip"), resume="fixed", advanced=True)
+    check_data: bool = setting(True, "Check the dataset before training (tiny images, missing or "
+                               "over-long captions): refuse to start on errors, log warnings. "
+                               "`lora-trainer check-data` writes the full report.", "Data",
+                               resume="free")
 
     # ---- Model / output ---------------------------------------------------------------------------
     task_type: str = setting("sd-lora", "What to train. Only 'sd-lora' exists today.", "Model/Output",
@@ -152,19 +175,21 @@ class TrainConfig:
                            "Checkpoints", resume="free")
 
     # ---- Previews -----------------------------------------------------------------------------------
-    preview_prompts: list = setting(None, "Prompts rendered during training; may contain "
-                                    "<lora:NAME:0.7> and kohya's --n/--w/--h/--s/--l/--d options.",
-                                    "Previews", resume="free", factory=list)
+    preview_prompts: list = setting(None, "Prompts rendered during training, in the WebUI's syntax: "
+                                    "<lora:{name}:0.7> (or <lora:OUTPUT_NAME:0.7>) is the LoRA being "
+                                    "trained - a prompt without it shows the base model; other "
+                                    "<lora:NAME:w> come from lora_dir. kohya's --n/--w/--h/--s/--l/--d "
+                                    "options work too.", "Previews", resume="free", factory=list)
     preview_every_n_steps: int = setting(0, "Render previews every N optimizer steps (0: off).",
                                          "Previews", min=0, resume="free")
     preview_steps: int = setting(20, "Sampling steps per preview image (a prompt's --s overrides it).",
                                  "Previews", min=1, max=1000, resume="free")
-    preview_width: Optional[int] = setting(None, "Preview width in pixels, a multiple of 8 (default: "
-                                           "resolution; a prompt's --w overrides it).", "Previews",
-                                           min=64, max=4096, resume="free")
-    preview_height: Optional[int] = setting(None, "Preview height in pixels, a multiple of 8 (default: "
-                                            "resolution; a prompt's --h overrides it).", "Previews",
-                                            min=64, max=4096, resume="free")
+    preview_width: Optional[int] = setting(None, "Preview width in pixels, rounded down to a multiple "
+                                           "of 8 (default: resolution; a prompt's --w overrides it).",
+                                           "Previews", min=64, max=4096, resume="free")
+    preview_height: Optional[int] = setting(None, "Preview height in pixels, rounded down to a multiple "
+                                            "of 8 (default: resolution; a prompt's --h overrides it).",
+                                            "Previews", min=64, max=4096, resume="free")
     preview_cfg_scale: float = setting(7.0, "Classifier-free guidance scale (a prompt's --l overrides "
                                        "it).", "Previews", min=0.0, max=100.0, resume="free")
     preview_sampler: str = setting("euler", "Preview sampler ('euler_a' is Euler ancestral).",

@@ -26,10 +26,7 @@ class TrainingPlan:
     accumulation: int
     epochs: int
     max_train_steps: int | None
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+    batches_per_epoch: int    # from count_batches: with buckets, more than num_samples/batch_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -46,17 +43,33 @@ class TrainingPlan:
         return self.batch_size * self.accumulation
 
 
-def epoch_batches(index, epoch: int, seed: int, batch_size: int) -> list[list[tuple[int, int]]]:
+def epoch_batches(index, epoch: int, seed: int, batch_size: int, buckets=None) -> list[list[tuple[int, int]]]:
+    """The epoch's batches; a batch is a list of (position in epoch, record index), all from one
+    bucket. Batches are ordered by their first sample's position in the epoch's permutation, which
+    interleaves buckets without another random draw — and with one bucket is plain chunking."""
     samples = epoch_samples(index, epoch, seed)
-    positioned = list(enumerate(samples))   # (position in epoch, record index)
-    return make_batches(positioned, batch_size)
+    by_bucket: dict = {}
+    for position, record in enumerate(samples):
+        key = buckets[record] if buckets is not None else None
+        by_bucket.setdefault(key, []).append((position, record))
+    batches = [batch for group in by_bucket.values() for batch in make_batches(group, batch_size)]
+    return sorted(batches, key=lambda batch: batch[0][0])
 
 
-def iterate_steps(plan: TrainingPlan, index, seed: int, start_epoch: int, start_batch: int):
-    """Yield the StepSlices from (start_epoch, start_batch) to the end of the plan (at most
-    plan.total_steps steps in all are taken by the caller)."""
+def count_batches(index, batch_size: int, buckets=None) -> int:
+    """Batches per epoch (the same every epoch: bucket sizes do not depend on the order)."""
+    counts: dict = {}
+    for i, record in enumerate(index.records):
+        key = buckets[i] if buckets is not None else None
+        counts[key] = counts.get(key, 0) + record.repeats
+    return sum(math.ceil(n / batch_size) for n in counts.values())
+
+
+def iterate_steps(plan: TrainingPlan, index, seed: int, start_epoch: int, start_batch: int, buckets=None):
+    """Yield the StepSlices from (start_epoch, start_batch) to the end of the plan (the caller
+    stops after plan.total_steps steps in all)."""
     for epoch in range(start_epoch, plan.epochs):
-        batches = epoch_batches(index, epoch, seed, plan.batch_size)
+        batches = epoch_batches(index, epoch, seed, plan.batch_size, buckets)
         first = start_batch if epoch == start_epoch else 0
         for b in range(first, len(batches), plan.accumulation):
             yield StepSlice(epoch, b, batches[b:b + plan.accumulation])

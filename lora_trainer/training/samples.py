@@ -7,51 +7,96 @@ resumed run and an uninterrupted one see identical inputs.
 """
 from __future__ import annotations
 
+import logging
 import random
+from pathlib import Path
 
 import torch
 
 from ..data.captions import process_caption
 from ..data.images import load_rgb, resize_and_crop, to_tensor
 from ..data.order import sample_rng
+from .caches import DiskCache, cache_key, default_cache_dir
+
+log = logging.getLogger("lora_trainer")
 
 
 class SampleSource:
-    def __init__(self, cfg, index, backbone):
+    def __init__(self, cfg, index, backbone, buckets):
         self.cfg = cfg
         self.records = index.records
         self.backbone = backbone
-        self._latents: dict[int, torch.Tensor] = {}
-        self._conds: dict[str, dict] = {}
+        self.buckets = buckets                      # data.buckets.BucketPlan
+        self.model_hash = backbone.identity().get("hash", "")
+        self._latents: dict[int, tuple[torch.Tensor, dict]] = {}
+        self._conds: dict[tuple, dict] = {}
         # With a random crop each epoch sees other pixels, so latents cannot be cached.
         self.cache_latents = not cfg.random_crop
+        # A trained text encoder changes the embeddings every step.
         self.cache_text = not cfg.train_text_encoder
+        folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        on_disk = cfg.cache_latents_to_disk
+        self.latent_disk = DiskCache(folder, "latents") if on_disk and self.cache_latents else None
+        # shuffled captions are new strings every epoch: caching them on disk would only grow
+        self.text_disk = (DiskCache(folder, "text") if on_disk and self.cache_text and not cfg.shuffle_caption
+                          else None)
+
+    def cache_notes(self) -> list[str]:
+        notes = []
+        if not self.cache_latents:
+            notes.append("random_crop is on: latents are encoded every step (no latent cache)")
+        if not self.cache_text:
+            notes.append("train_text_encoder is on: captions are encoded every step (no text cache)")
+        elif self.cfg.shuffle_caption:
+            notes.append("shuffle_caption is on: caption embeddings are cached in memory only")
+        if self.latent_disk:
+            notes.append(f"latent cache: {self.latent_disk.folder}")
+        return notes
 
     # ---- latents -----------------------------------------------------------------------------------
-    def _encode_record(self, record_idx: int, rng: random.Random | None) -> torch.Tensor:
+    def _encode_record(self, record_idx: int, rng: random.Random | None) -> tuple[torch.Tensor, dict]:
         record = self.records[record_idx]
+        width, height = self.buckets.per_record[record_idx]
         img = load_rgb(record.path)
-        size = self.cfg.resolution
-        crop = "random" if self.cfg.random_crop else "center"
-        img, _, _ = resize_and_crop(img, size, size, crop=crop, rng=rng)
-        seed = rng.getrandbits(63) if rng is not None else (self.cfg.seed * 1_000_003 + record_idx)
+        crop = "random" if rng is not None else "center"
+        img, (top, left), original = resize_and_crop(img, width, height, crop=crop, rng=rng)
+        # The VAE sample's seed comes from the image bytes, so a cached latent is valid for any
+        # run (any seed, any dataset order) that uses the same image, crop and model.
+        seed = rng.getrandbits(63) if rng is not None else int(record.sha256[:15], 16)
         generator = torch.Generator().manual_seed(seed)
         # one image at a time: the result must not depend on which images share a batch
-        return self.backbone.encode_image(to_tensor(img).unsqueeze(0), generator)[0].cpu()
+        latent = self.backbone.encode_image(to_tensor(img).unsqueeze(0), generator)[0].cpu()
+        return latent, {"original": tuple(original), "crop": (top, left), "target": (height, width)}
+
+    def _cached_latent(self, record_idx: int) -> tuple[torch.Tensor, dict]:
+        record = self.records[record_idx]
+        key = cache_key(kind="latent", image=record.sha256, bucket=self.buckets.per_record[record_idx],
+                        crop="center", model=self.model_hash)
+        if self.latent_disk:
+            hit = self.latent_disk.get(key)
+            if hit is not None:
+                sizes = hit["sizes"].tolist()
+                return hit["latent"], {"original": tuple(sizes[0:2]), "crop": tuple(sizes[2:4]),
+                                       "target": tuple(sizes[4:6])}
+        latent, sizes = self._encode_record(record_idx, None)
+        if self.latent_disk:
+            flat = [*sizes["original"], *sizes["crop"], *sizes["target"]]
+            self.latent_disk.put(key, {"latent": latent, "sizes": torch.tensor(flat, dtype=torch.int64)})
+        return latent, sizes
 
     def precompute_latents(self, progress=None) -> None:
         if not self.cache_latents:
             return
         for i in range(len(self.records)):
             if i not in self._latents:
-                self._latents[i] = self._encode_record(i, None)
+                self._latents[i] = self._cached_latent(i)
             if progress:
                 progress(i + 1, len(self.records))
 
-    def latent(self, record_idx: int, rng: random.Random) -> torch.Tensor:
+    def latent(self, record_idx: int, rng: random.Random) -> tuple[torch.Tensor, dict]:
         if self.cache_latents:
             if record_idx not in self._latents:
-                self._latents[record_idx] = self._encode_record(record_idx, None)
+                self._latents[record_idx] = self._cached_latent(record_idx)
             return self._latents[record_idx]
         return self._encode_record(record_idx, rng)
 
@@ -61,22 +106,40 @@ class SampleSource:
         return process_caption(self.records[record_idx].caption, shuffle=cfg.shuffle_caption,
                                keep_tokens=cfg.keep_tokens, dropout_rate=cfg.caption_dropout_rate, rng=rng)
 
-    def conditioning(self, captions: list[str]) -> dict:
+    def _text_key(self, caption: str, sizes: dict) -> tuple:
+        uses_sizes = getattr(self.backbone, "conditioning_uses_sizes", False)
+        return (caption, tuple(sorted(sizes.items())) if uses_sizes else None)
+
+    def _encode_one(self, caption: str, sizes: dict) -> dict:
+        key = cache_key(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1],
+                        model=self.model_hash)
+        if self.text_disk:
+            hit = self.text_disk.get(key)
+            if hit is not None:
+                return hit
+        with torch.no_grad():  # one caption at a time, for batch-independent values
+            cond = {k: v[0].detach().cpu() for k, v in self.backbone.encode_text([caption], [sizes]).items()}
+        if self.text_disk:
+            self.text_disk.put(key, cond)
+        return cond
+
+    def conditioning(self, captions: list[str], sizes: list[dict]) -> dict:
         if not self.cache_text:
-            return self.backbone.encode_text(captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self._conds]
-        with torch.no_grad():
-            for c in missing:  # one caption at a time, for batch-independent values
-                self._conds[c] = {k: v[0].detach() for k, v in self.backbone.encode_text([c]).items()}
-        return {k: torch.stack([self._conds[c][k] for c in captions]) for k in self._conds[captions[0]]}
+            return self.backbone.encode_text(captions, sizes)
+        keys = [self._text_key(c, s) for c, s in zip(captions, sizes)]
+        for key, caption, size in zip(keys, captions, sizes):
+            if key not in self._conds:
+                self._conds[key] = self._encode_one(caption, size)
+        device = self.backbone.device
+        return {k: torch.stack([self._conds[key][k] for key in keys]).to(device) for k in self._conds[keys[0]]}
 
     # ---- one micro-batch ----------------------------------------------------------------------------
     def batch(self, epoch: int, items: list[tuple[int, int]]):
-        latents, captions, noises, timesteps = [], [], [], []
+        latents, captions, noises, timesteps, sizes = [], [], [], [], []
         num_timesteps = len(self.backbone.alphas_cumprod)
         for position, record_idx in items:
             rng = sample_rng(self.cfg.seed, epoch, position)
-            latent = self.latent(record_idx, rng)
+            latent, size = self.latent(record_idx, rng)
             captions.append(self.caption(record_idx, rng))
             g = torch.Generator().manual_seed(rng.getrandbits(63))
             noise = torch.randn(latent.shape, generator=g)
@@ -85,4 +148,6 @@ class SampleSource:
             timesteps.append(int(torch.randint(0, num_timesteps, (1,), generator=g)))
             latents.append(latent)
             noises.append(noise)
-        return (torch.stack(latents), captions, torch.stack(noises), torch.tensor(timesteps, dtype=torch.long))
+            sizes.append(size)
+        return (torch.stack(latents), captions, torch.stack(noises),
+                torch.tensor(timesteps, dtype=torch.long), sizes)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..lora.kohya_file import load_into_network, network_tensors, read_lora_file, save_lora_file
+from ..data.buckets import BucketPlan, BucketSpec
 from ..lora.network import LoRANetwork
 from ..lora.targets import select_targets
 from ..storage.checkpoints import CheckpointStore
@@ -18,9 +19,9 @@ from . import resume as resume_mod
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
 from .lora_metadata import lora_metadata
 from .objective import add_noise, min_snr_weights, per_sample_loss, target_for
-from .oom import OutOfMemoryStop, free_device_memory, is_out_of_memory, next_oom_action, oom_advice
+from .oom import OutOfMemoryStop, is_out_of_memory, next_oom_action, oom_advice, release_failed_step
 from .optim import build_optimizer, build_scheduler
-from .plan import TrainingPlan, iterate_steps
+from .plan import TrainingPlan, count_batches, iterate_steps
 from .samples import SampleSource
 
 log = logging.getLogger("lora_trainer")
@@ -48,8 +49,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.lora_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
         self.store = CheckpointStore(self.run_dir)
+        self.buckets = BucketPlan.for_index(index, BucketSpec.from_config(cfg), cfg.enable_bucket)
         self.plan = TrainingPlan(index.num_samples, cfg.batch_size, cfg.gradient_accumulation_steps,
-                                 cfg.epochs, cfg.max_train_steps)
+                                 cfg.epochs, cfg.max_train_steps,
+                                 count_batches(index, cfg.batch_size, self.buckets.per_record))
         self.position = resume_mod.Position()
         self.micro_batch_size = cfg.batch_size
         self._checkpointing_forced = False
@@ -59,7 +62,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._build_network()
         self._build_optimizer()
-        self.samples = SampleSource(cfg, index, backbone)
+        self.samples = SampleSource(cfg, index, backbone, self.buckets)
 
     # ---- setup -------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -172,12 +175,13 @@ class Trainer:
                    f"{self.lora_path}. Use --no-resume to train again.")
             self.say(msg)
             return self._result("already_finished", msg)
+        self._describe_data()
         self.samples.precompute_latents()
         self.observer.on_start(self._start_info(resumed))
         if self.previewer and not resumed:
             self._preview()
         steps = iterate_steps(self.plan, self.index, self.cfg.seed, self.position.epoch,
-                              self.position.batch_in_epoch)
+                              self.position.batch_in_epoch, self.buckets.per_record)
         for step_slice in steps:
             if self.position.global_step >= total:
                 break
@@ -224,7 +228,7 @@ class Trainer:
 
     def _recover_from_oom(self, error) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        free_device_memory(self.backbone.device)
+        release_failed_step(error, self.backbone.device)
         action = next_oom_action(self.micro_batch_size, self.cfg.gradient_checkpointing
                                  or self._checkpointing_forced)
         if action == "halve":
@@ -242,12 +246,12 @@ class Trainer:
     def _forward_backward(self, epoch: int, chunk, weight: float) -> float:
         """Loss of one micro-batch, scaled so the step's gradient is the mean over all its samples
         however the samples are split into micro-batches."""
-        latents, captions, noise, timesteps = self.samples.batch(epoch, chunk)
+        latents, captions, noise, timesteps, sizes = self.samples.batch(epoch, chunk)
         device = self.backbone.device
         latents, noise = latents.to(device), noise.to(device)
         acp = self.backbone.alphas_cumprod
         with self._autocast():
-            cond = self.samples.conditioning(captions)
+            cond = self.samples.conditioning(captions, sizes)
             noisy = add_noise(latents, noise, timesteps, acp)
             prediction = self.backbone.predict(noisy, timesteps, cond)
         target = target_for(self.backbone.prediction_type, latents, noise, timesteps, acp)
@@ -288,6 +292,17 @@ class Trainer:
             self.control.preview_now.clear()
             self._preview()
         return self.control.stop.is_set() and not finished
+
+    def _describe_data(self) -> None:
+        self.say(f"Buckets (width x height: samples): {self.buckets.describe(self.index)}")
+        upscaled = self.buckets.upscaled(self.index, self.cfg.max_upscale_factor)
+        if upscaled:
+            names = ", ".join(f"{name} (x{factor:.1f})" for name, factor in upscaled[:10])
+            log.warning("%d images are enlarged more than max_upscale_factor %.1f to fill their bucket "
+                        "and will look soft: %s%s", len(upscaled), self.cfg.max_upscale_factor, names,
+                        " ..." if len(upscaled) > 10 else "")
+        for note in self.samples.cache_notes():
+            self.say(note)
 
     def _preview(self) -> None:
         paths = self.previewer.render(self, self.position.global_step)
