@@ -6,6 +6,7 @@
                     gradient accumulation, possibly in the middle of an optimizer step)
 --kill-in-save N    SIGKILL halfway through writing a file of the N-th checkpoint this process saves
 --sigint-at-step N  SIGINT (as Ctrl+C) after optimizer step N completes: must save and exit cleanly
+--only-rank R       under torchrun, only rank R injects the fault
 Not a test module: tests/test_resume.py drives it.
 """
 import argparse
@@ -80,7 +81,10 @@ def main():
     p.add_argument("--kill-at-micro", type=int)
     p.add_argument("--kill-in-save", type=int)
     p.add_argument("--sigint-at-step", type=int)
+    p.add_argument("--only-rank", type=int, help="under torchrun: inject the fault on this rank only")
     a = p.parse_args()
+    if a.only_rank is not None and int(os.environ.get("RANK", "0")) != a.only_rank:
+        a.kill_at_micro = a.kill_in_save = a.sigint_at_step = None
     if a.kill_at_micro:
         kill_at_micro(a.kill_at_micro)
     if a.kill_in_save:

@@ -129,8 +129,7 @@ class TrainConfig:
     # ---- Training -----------------------------------------------------------------------------------
     batch_size: int = setting(1, "Images per micro-batch.", "Training", min=1, max=1024, resume="fixed")
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step (effective batch = "
-                                               "batch_size x this).", "Training", min=1, max=4096,
-                                               resume="fixed")
+                                               "batch_size x this).", "Training", min=1, max=4096)
     epochs: int = setting(10, "Passes over the dataset (with repeats).", "Training", min=1, max=100000)
     max_train_steps: Optional[int] = setting(None, "Stop after this many optimizer steps (overrides "
                                              "epochs when smaller).", "Training", min=1)

@@ -38,6 +38,8 @@ def capture(trainer) -> tuple[dict, dict]:
         "loss": trainer.last_loss,
         "recent_losses": trainer.recent_losses[-200:],
         "total_steps": trainer.plan.total_steps,
+        "batches_per_step": trainer.plan.accumulation,
+        "world_size": trainer.dist.world_size,
         "micro_batch_size": trainer.micro_batch_size,
         "scheduler": train_state.scheduler_state_to_json(trainer.scheduler),
         "grad_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,

@@ -2,6 +2,7 @@
 `train_from_config`; the WebUI builds its own backbone and calls `run_training` directly."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -12,8 +13,13 @@ import torch
 
 from ..config.load import cfg_warnings, write_effective_config
 from ..data.discovery import discover
+from ..datatools.checks import check_before_training
 from ..monitor.logfile import attach_run_log
+from ..monitor.run_log import run_monitors
+from ..preview.cards import CardWriter
+from ..preview.engine import Previewer
 from .control import TrainingControl
+from .distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
 from .trainer import Trainer, TrainResult
 
 log = logging.getLogger("lora_trainer")
@@ -53,24 +59,35 @@ def set_aside_old_run(run_dir: Path) -> Path | None:
 
 
 def run_training(cfg, backbone, control=None, observers=(), previewer=None, force_resume=False,
-                 index=None) -> TrainResult:
+                 index=None, dist: DistContext = SINGLE) -> TrainResult:
     run_dir = Path(cfg.run_dir)
-    if not cfg.resume:
+    if not cfg.resume and dist.is_main:
         moved = set_aside_old_run(run_dir)
         if moved:
             log.info("resume is off: the previous run was moved to %s", moved)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with attach_run_log(run_dir):
+    dist.barrier()
+    # only rank 0 writes train.log, the effective config, cards and monitors
+    with attach_run_log(run_dir) if dist.is_main else contextlib.nullcontext():
         try:
             for w in cfg_warnings(cfg):
                 log.warning(w)
             index = index or index_dataset(cfg)
             for w in index.warnings:
                 log.warning(w)
-            write_effective_config(cfg, run_dir)
-            trainer = Trainer(cfg, backbone, index, control or TrainingControl(), observers,
-                              previewer, force_resume)
-            return trainer.run()
+            if cfg.check_data:
+                check_before_training(index, cfg, log)
+            if dist.is_main:
+                write_effective_config(cfg, run_dir)
+            if previewer is None and cfg.preview_prompts:
+                previewer = Previewer(cfg)   # parses prompts and finds named LoRAs: fails early
+            if cfg.write_card and dist.is_main:
+                observers = [*observers, CardWriter(cfg, backbone, index)]
+            monitoring = run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([])
+            with monitoring as monitors:  # train.log lines, TensorBoard
+                trainer = Trainer(cfg, backbone, index, control or TrainingControl(),
+                                  [*monitors, *observers], previewer, force_resume, dist)
+                return trainer.run()
         except Exception:
             # the stack goes to train.log only; the console shows the message (see cli)
             log.error("training failed", exc_info=True, extra={"file_only": True})
@@ -82,11 +99,18 @@ def train_from_config(cfg, control=None, observers=(), force_resume=False) -> Tr
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    dist = init_from_environment(resolve_device(cfg.device).type)
+    device = device_for(dist, resolve_device(cfg.device))
     index = index_dataset(cfg)  # data errors before the (slow) model load
+    if cfg.check_data:
+        check_before_training(index, cfg)  # errors only here; run_training logs the warnings
     backbone = load_backbone(cfg.base_model, cfg.base_model_config, device=device,
                              dtype=base_dtype(cfg, device), prediction_type=cfg.prediction_type)
-    return run_training(cfg, backbone, control, observers, None, force_resume, index=index)
+    try:
+        return run_training(cfg, backbone, control, observers if dist.is_main else (), None,
+                            force_resume, index=index, dist=dist)
+    finally:
+        shutdown(dist)
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub from a training run

@@ -3,6 +3,7 @@ the WebUI — so the same loop trains a model loaded from disk or the one the We
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from ..lora.network import LoRANetwork
 from ..lora.targets import select_targets
 from ..storage.checkpoints import CheckpointStore
 from . import resume as resume_mod
+from .distributed import SINGLE, DistContext
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
 from .lora_metadata import lora_metadata
 from .objective import add_noise, min_snr_weights, per_sample_loss, target_for
@@ -40,8 +42,12 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg, backbone, index, control: TrainingControl | None = None,
-                 observers: list[TrainingObserver] = (), previewer=None, force_resume: bool = False):
+                 observers: list[TrainingObserver] = (), previewer=None, force_resume: bool = False,
+                 dist: DistContext = SINGLE):
         self.cfg, self.backbone, self.index = cfg, backbone, index
+        self.dist = dist
+        if not dist.is_main:  # only rank 0 reports, previews and writes
+            observers, previewer = (), None
         self.control = control or TrainingControl()
         self.observer = ObserverGroup(observers)
         self.previewer = previewer
@@ -50,7 +56,9 @@ class Trainer:
         self.lora_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
         self.store = CheckpointStore(self.run_dir)
         self.buckets = BucketPlan.for_index(index, BucketSpec.from_config(cfg), cfg.enable_bucket)
-        self.plan = TrainingPlan(index.num_samples, cfg.batch_size, cfg.gradient_accumulation_steps,
+        # a step takes `accumulation` batches per rank, from all ranks together
+        self.plan = TrainingPlan(index.num_samples, cfg.batch_size,
+                                 cfg.gradient_accumulation_steps * dist.world_size,
                                  cfg.epochs, cfg.max_train_steps,
                                  count_batches(index, cfg.batch_size, self.buckets.per_record))
         self.position = resume_mod.Position()
@@ -73,7 +81,10 @@ class Trainer:
         cfg = self.cfg
         self.backbone.freeze()
         self.backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        targets = select_targets(self.backbone.lora_targets(), cfg.target_modules, cfg.train_text_encoder)
+        # kohya-name order: the seeded RNG initialises the adapters in this order, so backbones that
+        # list the same layers in another order (diffusers vs the WebUI's LDM tree) train the same LoRA
+        targets = sorted(select_targets(self.backbone.lora_targets(), cfg.target_modules,
+                                        cfg.train_text_encoder), key=lambda t: t.name)
         # torch's global RNG initialises the adapters: seed it so a fresh run is reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -110,7 +121,9 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------------
     def _maybe_resume(self) -> bool:
-        self.store.cleanup_temp()
+        if self.dist.is_main:
+            self.store.cleanup_temp()
+        self.dist.barrier()
         if not self.cfg.resume:
             return False
         info, warnings = self.store.latest_valid()
@@ -122,12 +135,33 @@ class Trainer:
         tensors, state = self.store.load(info)
         for note in resume_mod.check_compatible(state, self, self.force_resume):
             self.say(note)
+        self._keep_step_composition(state)
         resume_mod.restore(self, tensors, state)
         self._apply_config_learning_rates(state)
         self.last_checkpoint = info.path
         self.say(f"Resuming from step {self.position.global_step} of {self.plan.total_steps} "
                  f"({info.path.name})")
         return True
+
+    def _keep_step_composition(self, state: dict) -> None:
+        """Resuming on another number of processes: keep the batches per optimizer step (and so the
+        effective batch, the step count and the schedule) by changing the accumulation per rank."""
+        saved = state.get("batches_per_step")
+        same_config = state.get("config", {}).get("gradient_accumulation_steps") == \
+            self.cfg.gradient_accumulation_steps
+        if not saved or saved == self.plan.accumulation or not same_config:
+            return
+        if saved % self.dist.world_size:
+            raise resume_mod.ResumeRefused(
+                f"the checkpoint takes {saved} batches per step, which {self.dist.world_size} processes "
+                "cannot share evenly; set gradient_accumulation_steps so that gradient_accumulation_steps "
+                f"x processes = {saved}, and use --force-resume")
+        self.plan = dataclasses.replace(self.plan, accumulation=saved)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.lr_scheduler, self.cfg.lr_warmup_steps,
+                                         self.plan.total_steps)
+        self.say(f"Checkpoint written by {state.get('world_size', '?')} process(es), resuming on "
+                 f"{self.dist.world_size}: gradient accumulation per process is now "
+                 f"{saved // self.dist.world_size} so the effective batch stays {self.plan.effective_batch}")
 
     def _apply_config_learning_rates(self, state: dict) -> None:
         """After --force-resume with a new learning rate, the restored scheduler still holds the old
@@ -146,6 +180,8 @@ class Trainer:
     # ---- saving ------------------------------------------------------------------------------------
     def save_lora(self, path: Path | None = None) -> Path:
         path = path or self.lora_path
+        if not self.dist.is_main:
+            return path
         metadata = lora_metadata(self, output_name=path.stem)
         save_lora_file(path, network_tensors(self.network, self.cfg.save_precision), metadata)
         self.observer.on_lora_saved(path)
@@ -155,15 +191,18 @@ class Trainer:
         """LoRA file first, then the checkpoint: a crash between the two leaves a LoRA that is at
         most one checkpoint ahead, never a checkpoint whose LoRA file is missing."""
         step = self.position.global_step
-        self.save_lora()
-        if self.cfg.save_snapshots and step < self.plan.total_steps:
-            self.save_lora(self.lora_path.with_name(f"{self.cfg.output_name}-{step:06d}.safetensors"))
-        tensor_files, state = resume_mod.capture(self)
-        path = self.store.save(step, tensor_files, state)
-        self.store.prune(self.cfg.keep_last_n_checkpoints)
+        path = self.store.checkpoints_dir / f"checkpoint-{step:08d}"
+        if self.dist.is_main:
+            self.save_lora()
+            if self.cfg.save_snapshots and step < self.plan.total_steps:
+                self.save_lora(self.lora_path.with_name(f"{self.cfg.output_name}-{step:06d}.safetensors"))
+            tensor_files, state = resume_mod.capture(self)
+            path = self.store.save(step, tensor_files, state)
+            self.store.prune(self.cfg.keep_last_n_checkpoints)
+            self.observer.on_checkpoint(step, path)
+            log.info("Saved checkpoint %s", path)
         self.last_checkpoint = path
-        self.observer.on_checkpoint(step, path)
-        log.info("Saved checkpoint %s", path)
+        self.dist.barrier()  # nobody runs ahead of (or exits before) a save
         return path
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -176,6 +215,9 @@ class Trainer:
             self.say(msg)
             return self._result("already_finished", msg)
         self._describe_data()
+        if self.dist.is_main:  # rank 0 fills the disk cache once; the others then read it
+            self.samples.precompute_latents()
+        self.dist.barrier()
         self.samples.precompute_latents()
         self.observer.on_start(self._start_info(resumed))
         if self.previewer and not resumed:
@@ -201,6 +243,8 @@ class Trainer:
                 if not is_out_of_memory(error):
                     raise
                 self._recover_from_oom(error)
+        self.dist.sum_gradients([p for _, p in self.named_params])
+        loss_sum = self.dist.sum_float(loss_sum, self.backbone.device)
         grad_norm = self._optimizer_step()
         self.position.global_step += 1
         self.position.epoch = step_slice.epoch
@@ -220,7 +264,7 @@ class Trainer:
         """Forward/backward over the step's batches in micro-batches of `micro_batch_size`: after
         an OOM the same samples are split finer, so the step's gradient stays the same."""
         loss_sum = 0.0
-        for batch in step_slice.batches:
+        for batch in step_slice.batches[self.dist.rank::self.dist.world_size]:
             for start in range(0, len(batch), self.micro_batch_size):
                 chunk = batch[start:start + self.micro_batch_size]
                 loss_sum += self._forward_backward(step_slice.epoch, chunk, weight=len(chunk) / len(items))
@@ -283,7 +327,8 @@ class Trainer:
         """Checkpoints, previews and stop requests, between steps. Returns True to stop."""
         step, cfg = self.position.global_step, self.cfg
         finished = step >= self.plan.total_steps
-        if not finished and ((cfg.save_steps and step % cfg.save_steps == 0) or self.control.save_now.is_set()):
+        save_now = self.dist.any(self.control.save_now.is_set(), self.backbone.device)
+        if not finished and ((cfg.save_steps and step % cfg.save_steps == 0) or save_now):
             self.control.save_now.clear()
             self.save_checkpoint()
         if self.previewer and not finished and (
@@ -291,7 +336,7 @@ class Trainer:
                 or self.control.preview_now.is_set()):
             self.control.preview_now.clear()
             self._preview()
-        return self.control.stop.is_set() and not finished
+        return self.dist.any(self.control.stop.is_set(), self.backbone.device) and not finished
 
     def _describe_data(self) -> None:
         self.say(f"Buckets (width x height: samples): {self.buckets.describe(self.index)}")
