@@ -68,7 +68,7 @@ def _default_cell(spec: FieldSpec) -> str:
         return "`runs/<output_name>` next to the YAML"
     if spec.name in REQUIRED_KEYS:
         return "**required**"
-    if spec.default is None:
+    if spec.default is None or spec.default == "":
         return "empty"
     if isinstance(spec.default, bool):
         return "`true`" if spec.default else "`false`"

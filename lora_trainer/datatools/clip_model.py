@@ -35,9 +35,9 @@ HOW_TO_PROVIDE = (
     "  * a .safetensors weights file plus its architecture name:  --model-path ViT-B-32.safetensors "
     "--model ViT-B-32\n"
     "  * a model already in a Hugging Face cache:  --model ViT-B-32 [--cache-dir ~/.cache/huggingface/hub]\n"
-    "Only .safetensors weights are accepted (.bin/.pt files are pickles that can run code); convert one "
-    "with: python -c \"import torch,safetensors.torch as s; "
-    "s.save_file(torch.load('in.bin', weights_only=True), 'open_clip_model.safetensors')\"")
+    "Only .safetensors weights are accepted (.bin/.pt files are pickles that can run code): convert a "
+    "file you trust to open_clip_model.safetensors once, outside this tool (e.g. with the conversion "
+    "script of the safetensors project), or use a model repository that ships .safetensors.")
 
 
 class ModelNotFound(Exception):
