@@ -41,6 +41,9 @@ def _add_checkpoints(sub) -> None:
 # Subcommands that live with their feature: each module has `register(subparsers)` which adds its
 # parser and sets `func`. Imported lazily per module so `lora-trainer train` never loads the UI.
 FEATURE_COMMANDS = [
+    "lora_trainer.monitor.doctor",
+    "lora_trainer.datatools.commands",
+    "lora_trainer.ui.app",
 ]
 
 

@@ -54,7 +54,7 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(make_conf
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (k, (a - b).abs().max())
     # only rank 0 wrote: every message once in the log, every checkpoint valid
     log = (Path(cfg.run_dir) / "logs" / "train.log").read_text()
-    assert log.count("Saved checkpoint") == 3
+    assert log.count("event checkpoint") == 3
     assert log.count("Finished 6 steps") == 1
     assert all(i.valid for i in CheckpointStore(cfg.run_dir).list())
     assert "effective batch 4" in proc.stdout

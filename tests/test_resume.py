@@ -72,7 +72,7 @@ def assert_identical(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_sd1, shapes_dataset):
-    from conftest import write_config
+    from support import write_config
 
     cfg = write_config(tmp_path_factory.mktemp("reference"), train_data_dir=shapes_dataset,
                        base_model=tiny_sd1["single_file"], **RUN)

@@ -12,7 +12,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:   # `lora-trainer doctor` still runs and reports it; nothing else here is called
+    torch = None
 
 MIB = 1 << 20
 

@@ -7,8 +7,13 @@ that are left.
 from __future__ import annotations
 
 import gc
+import traceback
 
 import torch
+
+# How allocators word running out: CUDA/MPS say "out of memory"; torch's CPU allocator says "can't
+# allocate memory" (Linux/macOS) or "not enough memory" (Windows).
+_OOM_PHRASES = ("out of memory", "can't allocate memory", "not enough memory")
 
 
 class OutOfMemoryStop(RuntimeError):
@@ -16,15 +21,25 @@ class OutOfMemoryStop(RuntimeError):
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, OutOfMemoryStop):   # our own verdict: never "recover" from it again
+        return False
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    return isinstance(error, RuntimeError) and any(p in str(error).lower() for p in _OOM_PHRASES)
 
 
 def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def release_failed_step(error: BaseException, device: torch.device) -> None:
+    """Free what the failed forward/backward still holds before retrying. The exception's traceback
+    keeps every frame of the failed attempt alive, and with them its activations: clearing their
+    locals is what lets gc/empty_cache give that memory back while we are still in the handler."""
+    traceback.clear_frames(error.__traceback__)
+    free_device_memory(device)
 
 
 def next_oom_action(micro_batch_size: int, checkpointing_on: bool) -> str:

@@ -200,7 +200,6 @@ class Trainer:
             path = self.store.save(step, tensor_files, state)
             self.store.prune(self.cfg.keep_last_n_checkpoints)
             self.observer.on_checkpoint(step, path)
-            log.info("Saved checkpoint %s", path)
         self.last_checkpoint = path
         self.dist.barrier()  # nobody runs ahead of (or exits before) a save
         return path

@@ -1,0 +1,324 @@
+"""`lora-trainer doctor [--config x.yaml]`: can this machine train, and how long will it take?
+
+Without --config: the environment (python, torch, device, free memory and disk, package versions
+against what lora_trainer needs, WebUI pins when run inside a WebUI). With --config: also a dry
+run of the real model and data for a couple of steps in a temporary run folder that is deleted
+afterwards (nothing goes to output_dir or run_dir), reporting the time per step, the peak memory
+and an estimate for the whole run. Exit code 1 when something required is missing or the dry run
+fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..training.control import TrainingObserver
+from . import system
+
+# What lora_trainer needs: (distribution, minimum version or None, when). Mirrors pyproject.toml
+# (tests/test_monitor.py keeps the two equal). "always": the package imports it; "headless": only
+# outside the WebUI (there the WebUI's loaded model is trained); "optional": a feature needs it.
+REQUIREMENTS = [
+    ("safetensors", "0.4", "always"),
+    ("numpy", "1.23", "always"),
+    ("pillow", "9.5", "always"),
+    ("pyyaml", "6", "always"),
+    ("tqdm", "4.60", "always"),
+    ("diffusers", "0.27", "headless"),
+    ("transformers", "4.30", "headless"),
+    ("accelerate", "0.21", "headless"),
+    ("tensorboard", "2.10", "optional"),
+    ("gradio", "3.41.2", "optional"),   # the standalone UI (extra "ui"); the WebUI brings its own
+    ("open_clip_torch", None, "optional"),
+]
+MIN_PYTHON = (3, 10)
+DRY_RUN_STEPS = 2   # the first step pays one-time warm-up; the estimate uses the last one
+GIB = 1 << 30
+log = logging.getLogger("lora_trainer")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str   # "ok" | "info" | "warn" | "fail" (fail = required; exit code 1)
+    detail: str
+
+
+# ---- versions ----------------------------------------------------------------------------------------
+def version_key(text: str):
+    """Comparable version; without `packaging`, the leading numbers ("2.1.0+cu121" -> (2, 1, 0))."""
+    try:
+        from packaging.version import Version
+    except ImportError:
+        numbers = []
+        for piece in text.split("+")[0].split("."):
+            digits = "".join(ch for ch in piece if ch.isdigit())
+            if not digits:
+                break
+            numbers.append(int(digits))
+        return tuple(numbers)
+    return Version(text)
+
+
+def at_least(installed: str, minimum: str) -> bool:
+    try:
+        return version_key(installed) >= version_key(minimum)
+    except Exception:   # an unparsable local version string: do not block on it
+        return True
+
+
+def package_check(dist: str, minimum: str | None, when: str, in_webui: bool) -> Check:
+    required = when == "always" or (when == "headless" and not in_webui)
+    version = system.package_version(dist)
+    need = f">={minimum}" if minimum else "any version"
+    if version is None:
+        role = "required" if required else "optional" if when == "optional" else "not needed in the WebUI"
+        return Check(dist, "fail" if required else "info", f"not installed (needs {need}; {role})")
+    if minimum and not at_least(version, minimum):
+        return Check(dist, "fail" if required else "warn", f"{version} is too old (needs {need})")
+    return Check(dist, "ok", version)
+
+
+def python_check() -> Check:
+    ok = sys.version_info[:2] >= MIN_PYTHON
+    wanted = ".".join(map(str, MIN_PYTHON))
+    return Check("python", "ok" if ok else "fail", f"{platform.python_version()}"
+                 + ("" if ok else f" (needs >= {wanted})") + f" at {sys.executable}")
+
+
+# ---- device and resources ------------------------------------------------------------------------------
+def torch_checks() -> list[Check]:
+    try:
+        import torch
+    except Exception as error:
+        return [Check("torch", "fail", f"cannot import torch: {error} (install torch for your GPU first)")]
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    checks = [Check("torch", "ok", f"{torch.__version__} ({build}, {torch.get_num_threads()} CPU threads)")]
+    if not torch.cuda.is_available():
+        checks.append(Check("device", "warn", "no CUDA GPU: training runs on the CPU (tiny models only)"))
+        return checks
+    for index in range(torch.cuda.device_count()):
+        device = torch.device("cuda", index)
+        vram = system.free_vram(device)
+        free = f", {vram[0] / GIB:.1f} of {vram[1] / GIB:.1f} GiB VRAM free" if vram else ""
+        checks.append(Check(f"cuda:{index}", "ok", f"{system.gpu_name(device)}{free}"))
+    return checks
+
+
+def optional_module_checks() -> list[Check]:
+    """Modules found without importing them (bitsandbytes prints banners and probes CUDA on import)."""
+    wanted = {"bitsandbytes": ("bitsandbytes", "optimizer: adamw8bit needs it (CUDA only)"),
+              "pynvml": ("nvidia-ml-py", "GPU utilisation in train.log needs it")}
+    checks = []
+    for module, (dist, why) in wanted.items():
+        if importlib.util.find_spec(module) is None:
+            checks.append(Check(module, "info", f"not installed; {why}"))
+        else:
+            checks.append(Check(module, "ok", system.package_version(dist) or system.package_version(module)
+                                or "installed"))
+    return checks
+
+
+def resource_checks(folders: list[tuple[str, Path]]) -> list[Check]:
+    ram = system.free_ram()
+    checks = [Check("RAM", "ok" if ram is None or ram > 4 * GIB else "warn",
+                    f"{ram / GIB:.1f} GiB available" if ram is not None else "unknown")]
+    for label, folder in folders:
+        free = system.free_disk(folder)
+        status = "ok" if free is None or free > GIB else "warn"
+        checks.append(Check(f"disk ({label})", status,
+                            f"{free / GIB:.1f} GiB free at {folder}" if free is not None else f"unknown at {folder}"))
+    return checks
+
+
+# ---- WebUI ----------------------------------------------------------------------------------------------
+def webui_root() -> Path | None:
+    """The WebUI's folder when running inside one (A1111 / Forge); None otherwise."""
+    try:
+        import modules.shared  # noqa: F401  (its import succeeding is the test)
+    except Exception:
+        return None
+    try:
+        from modules.paths_internal import script_path
+        return Path(script_path)
+    except Exception:
+        import modules
+        return Path(modules.__file__).resolve().parent.parent
+
+
+def webui_pin_checks(root: Path) -> list[Check]:
+    """The WebUI pins exact versions; a different installed version means someone (maybe an
+    extension's installer) changed the WebUI's environment under it."""
+    pins_file = root / "requirements_versions.txt"
+    checks = [Check("WebUI", "info", str(root))]
+    if not pins_file.is_file():
+        return checks + [Check("WebUI pins", "info", f"no {pins_file.name} in {root}")]
+    for line in pins_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        name, sep, pinned = line.split("#")[0].strip().partition("==")
+        if not sep:
+            continue
+        installed = system.package_version(name.strip())
+        ok = installed is not None and installed.split("+")[0] == pinned.strip()
+        checks.append(Check(f"pin {name.strip()}", "ok" if ok else "warn",
+                            f"WebUI pins {pinned.strip()}, installed {installed or 'nothing'}"))
+    return checks
+
+
+# ---- dry run --------------------------------------------------------------------------------------------
+class _StepTimes(TrainingObserver):
+    def __init__(self):
+        self.created = time.perf_counter()
+        self.prepare_seconds = 0.0   # until the first step: network setup, latents (cached to disk)
+        self.seconds: list[float] = []
+        self.steps_per_epoch = 0
+
+    def on_start(self, info):
+        self.prepare_seconds = time.perf_counter() - self.created
+        self.steps_per_epoch = info["steps_per_epoch"]   # the trainer's own plan: not capped by the trial
+
+    def on_step(self, report):
+        self.seconds.append(report.seconds)
+
+
+def trial_config(cfg, folder: Path, steps: int):
+    """The user's config aimed at `folder`, for `steps` steps, with nothing extra rendered or saved
+    on the way (keys another version of the schema lacks are left out)."""
+    changes = dict(run_dir=str(folder / "run"), output_dir=str(folder / "output"), max_train_steps=steps,
+                   save_steps=0, resume=False, save_snapshots=False, preview_prompts=[],
+                   preview_every_n_steps=0, tensorboard=False, write_card=False)
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if hasattr(cfg, k)})
+
+
+def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
+    import torch
+
+    from ..backbones.diffusers_sd import load_backbone
+    from ..training.session import base_dtype, index_dataset, resolve_device, run_training
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    index = index_dataset(cfg)
+    started = time.perf_counter()
+    backbone = load_backbone(cfg.base_model, cfg.base_model_config, device=device,
+                             dtype=base_dtype(cfg, device), prediction_type=cfg.prediction_type)
+    load_seconds = time.perf_counter() - started
+    before = system.device_memory(device)
+    peak_was_reset = system.reset_peak_memory(device)
+    times = _StepTimes()
+    with tempfile.TemporaryDirectory(prefix="lora_trainer_doctor_") as folder:
+        run_training(trial_config(cfg, Path(folder), steps), backbone, observers=[times], index=index)
+    after = system.device_memory(device)
+    total = times.steps_per_epoch * cfg.epochs
+    total = min(total, cfg.max_train_steps) if cfg.max_train_steps else total
+    return [Check("model load", "ok", f"{load_seconds:.1f} s ({cfg.base_model})"),
+            Check("data prep", "ok", f"{times.prepare_seconds:.1f} s (LoRA setup, latents of "
+                  f"{index.num_images} images; cached latents make it shorter next time)"),
+            *_timing_checks(times.seconds, total),
+            _peak_memory_check(device, before, after, peak_was_reset)]
+
+
+def _timing_checks(seconds: list[float], total_steps: int) -> list[Check]:
+    if not seconds:
+        return [Check("step time", "fail", "the dry run made no training step")]
+    from .run_log import format_duration
+
+    step = seconds[-1]
+    checks = [Check("step time", "ok", f"{step:.3f} s per optimizer step"
+                    + (f" (first step {seconds[0]:.3f} s, with warm-up)" if len(seconds) > 1 else ""))]
+    checks.append(Check("estimate", "info", f"{total_steps} steps x {step:.3f} s = "
+                        f"{format_duration(total_steps * step)} (without previews and checkpoints)"))
+    return checks
+
+
+def _peak_memory_check(device, before: dict, after: dict, peak_was_reset: bool) -> Check:
+    if "peak" in after:   # CUDA: the allocator's own peak, model weights included
+        detail = f"{after['peak'] / GIB:.2f} GiB allocated at peak (model + training)"
+        vram = system.free_vram(device)
+        if vram:
+            detail += f" of {vram[1] / GIB:.1f} GiB"
+        return Check("peak memory", "ok", detail)
+    peak, start = after.get("rss_peak"), before.get("rss")
+    if peak is None or start is None:
+        return Check("peak memory", "info", "unknown on this system")
+    how = "" if peak_was_reset else " (process peak; could not reset the counter)"
+    return Check("peak memory", "ok", f"RSS peak {peak / GIB:.2f} GiB, +{max(peak - start, 0) / GIB:.2f} GiB "
+                 f"over the loaded model{how}")
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+def environment_report(folders: list[tuple[str, Path]]) -> list[Check]:
+    root = webui_root()
+    checks = [python_check(), *torch_checks()]
+    checks += [package_check(dist, minimum, when, root is not None) for dist, minimum, when in REQUIREMENTS]
+    checks += optional_module_checks()
+    checks += resource_checks(folders)
+    if root is not None:
+        checks += webui_pin_checks(root)
+    return checks
+
+
+def config_checks(cfg) -> list[Check]:
+    """Requirements that only a given config has."""
+    checks = []
+    if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        checks.append(Check("bitsandbytes", "fail", "optimizer: adamw8bit needs it (pip install bitsandbytes)"))
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"[{c.status:>4}] {c.name:<{width}}  {c.detail}" for c in checks)
+
+
+def cmd_doctor(args) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config) if args.config else None
+    folders = ([("run_dir", Path(cfg.run_dir)), ("output_dir", Path(cfg.output_dir))] if cfg
+               else [("cwd", Path(os.getcwd()))])
+    checks = environment_report(folders)
+    print(render(checks), flush=True)
+    if cfg is not None and not any(c.status == "fail" for c in checks):
+        checks = checks + _dry_run_report(cfg, args.steps)
+    failed = [c.name for c in checks if c.status == "fail"]
+    print(f"\n{len(failed)} problem(s): {', '.join(failed)}" if failed else "\nAll required checks passed.")
+    return 1 if failed else 0
+
+
+def _dry_run_report(cfg, steps: int) -> list[Check]:
+    checks = config_checks(cfg)
+    if not checks:
+        print(f"\nDry run: {steps} step(s) of {cfg.base_model} on {cfg.train_data_dir} ...", flush=True)
+        try:
+            checks = dry_run(cfg, steps)
+        except Exception as error:   # the temporary train.log is gone: --verbose shows the stack
+            log.debug("dry run failed", exc_info=True)
+            checks = [Check("dry run", "fail", f"{type(error).__name__}: {error} (--verbose shows where)")]
+    print(render(checks))
+    return checks
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="Check the environment; with --config, time a dry-run step.",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--config", help="Also load this config's model and data and time a dry-run training "
+                                    "step (in a temporary folder; nothing is written to output_dir).")
+    p.add_argument("--steps", type=_positive_int, default=DRY_RUN_STEPS,
+                   help=f"Steps in the dry run (default {DRY_RUN_STEPS}: the first one includes warm-up).")
+    p.set_defaults(func=cmd_doctor)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)   # argparse turns it into "invalid _positive_int value"
+    return value
