@@ -12,7 +12,6 @@ import sys
 REQUIREMENTS = {
     "yaml": "pyyaml",
     "tqdm": "tqdm",
-    "safetensors": "safetensors",
 }
 
 

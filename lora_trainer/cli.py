@@ -27,7 +27,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="Build a tiny model and dataset offline and train on them.")
     p.add_argument("--workdir", default="demo", help="Folder for the demo model, data, config and output "
                                                       "(default ./demo)")
-    p.add_argument("--family", default="sd1", choices=("sd1",), help="Model family of the tiny model")
+    p.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl"),
+                   help="Model family of the tiny model (default sd1)")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     p.set_defaults(func=cmd_demo)
 

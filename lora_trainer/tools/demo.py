@@ -1,5 +1,5 @@
 """`lora-trainer demo`: everything needed to see a run end to end, built offline in seconds —
-a tiny random-weight SD1 model saved as a WebUI-style single file, a small synthetic dataset with
+a tiny random-weight SD1, SD2 or SDXL model saved as a WebUI-style single file, a small synthetic dataset with
 captions, and a YAML config that uses the seed's keys."""
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ num_threads: 2
 """
 
 
+DEMO_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
 def prepare_demo(workdir: Path, family: str = "sd1") -> Path:
     from ..backbones import tiny
 
@@ -67,9 +70,10 @@ def prepare_demo(workdir: Path, family: str = "sd1") -> Path:
     models.mkdir(parents=True, exist_ok=True)
     checkpoint = models / f"tiny-{family}.safetensors"
     if not checkpoint.exists():
-        components = tiny.build_tiny_sd1(seed=0)
-        tiny.write_single_file(checkpoint, components)
+        components = tiny.build_tiny(family, seed=0)
+        # the configs go next to the file as `<stem>.config/`, which the loader picks up
         tiny.write_config_folder(models / f"tiny-{family}.config", components["configs"])
+        tiny.write_single_file(checkpoint, components)
     if not (workdir / "data").exists():
         write_dataset(workdir / "data")
     config = workdir / "demo.yaml"

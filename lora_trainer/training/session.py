@@ -76,7 +76,7 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
             for w in index.warnings:
                 log.warning(w)
             if cfg.check_data:
-                check_before_training(index, cfg, log)
+                check_before_training(index, cfg, log if dist.is_main else None)  # warn once
             if dist.is_main:
                 write_effective_config(cfg, run_dir)
             if previewer is None and cfg.preview_prompts:
@@ -97,6 +97,9 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
 def train_from_config(cfg, control=None, observers=(), force_resume=False) -> TrainResult:
     from ..backbones.diffusers_sd import load_backbone  # diffusers only for headless runs
 
+    # never reach for a model hub from a headless run (set here, not at import: inside the WebUI
+    # this module is imported too, and the WebUI's own downloads are not ours to switch off)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     dist = init_from_environment(resolve_device(cfg.device).type)
@@ -112,5 +115,3 @@ def train_from_config(cfg, control=None, observers=(), force_resume=False) -> Tr
     finally:
         shutdown(dist)
 
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub from a training run

@@ -363,8 +363,8 @@ class Trainer:
                                               f"- use it as <lora:{self.cfg.output_name}:0.7>")
         else:
             result = self._result("stopped", f"Stopped at step {step} of {total} "
-                                             f"({self.control.stop_reason}); checkpoint saved. Run the "
-                                             "same command again to resume.")
+                                             f"({self.control.stop_reason}); checkpoint saved. Start the "
+                                             "same run again (same command, or Resume) to continue.")
         self.say(result.message)
         self.observer.on_end(result)
         return result

@@ -1,0 +1,77 @@
+"""The pieces of the running WebUI this package touches, in one place.
+
+Everything is looked up when used (the WebUI's `modules` package only exists inside the WebUI
+process), and every piece can be handed in explicitly, which is how the tests run the same code
+against a stand-in model without a WebUI.
+
+The built-in Lora extension's modules are not on `sys.path`: the WebUI imports them while loading
+the extension's scripts (with its folder on the path for that moment), so afterwards they can only
+be found in `sys.modules` under their bare names (`networks`, `network`).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def lora_extension_module(name: str = "networks"):
+    """The built-in Lora extension's `networks` module (A1111) if the extension is loaded, else None.
+
+    Forge's own Lora extension also registers a `networks` module, without the weight backups this
+    package restores; it is recognised by what it lacks.
+    """
+    module = sys.modules.get(name)
+    if module is None or not hasattr(module, "loaded_networks"):
+        return None
+    return module
+
+
+def is_a1111_networks(networks) -> bool:
+    return networks is not None and hasattr(networks, "network_restore_weights_from_backup")
+
+
+@dataclass
+class WebuiEnv:
+    """Explicit handles; `WebuiEnv.current()` fills them from the running WebUI."""
+    sd_model: Any = None
+    state: Any = None                 # modules.shared.state
+    cmd_opts: Any = None              # modules.shared.cmd_opts
+    opts: Any = None                  # modules.shared.opts
+    networks: Any = None              # the Lora extension's networks module (or None)
+    processing: Any = None            # modules.processing
+    extra_pages: list = field(default_factory=list)   # modules.ui_extra_networks.extra_pages
+    call_queue: Any = None            # modules.call_queue
+    devices: Any = None               # modules.devices
+    sd_hijack: Any = None             # modules.sd_hijack
+    prompt_parser: Any = None         # modules.prompt_parser (SdConditioning)
+    models_path: str | None = None    # modules.paths.models_path
+
+    @classmethod
+    def current(cls, with_model: bool = True) -> "WebuiEnv":
+        """Handles of the running WebUI. Fails with a clear message outside the WebUI.
+        `with_model=False` leaves `sd_model` out: reading `shared.sd_model` loads the checkpoint
+        if none is loaded yet (not wanted while the UI is being built)."""
+        try:
+            from modules import call_queue, devices, paths, processing, prompt_parser, sd_hijack, shared
+        except ImportError as e:
+            raise RuntimeError("lora_trainer.webui needs a running AUTOMATIC1111 WebUI (the 'modules' "
+                               f"package is not importable: {e})") from e
+        try:
+            from modules import ui_extra_networks
+            extra_pages = ui_extra_networks.extra_pages
+        except ImportError:
+            extra_pages = []
+        return cls(sd_model=shared.sd_model if with_model else None, state=shared.state, cmd_opts=shared.cmd_opts,
+                   opts=shared.opts, networks=lora_extension_module(), processing=processing,
+                   extra_pages=extra_pages, call_queue=call_queue, devices=devices, sd_hijack=sd_hijack,
+                   prompt_parser=prompt_parser, models_path=paths.models_path)
+
+    def option(self, name: str, default=None):
+        if self.opts is None:
+            return default
+        value = getattr(self.opts, name, default)
+        return default if value is None else value
+
+    def cmd_option(self, name: str, default=None):
+        return getattr(self.cmd_opts, name, default) if self.cmd_opts is not None else default

@@ -1,0 +1,256 @@
+"""One training job inside the WebUI: checks, clean weights, the loop, and putting everything back.
+
+`train_on_loaded_model(cfg)` is the whole job. It must run while holding the WebUI's GPU lock
+(`modules.call_queue.queue_lock`), like every generation: use `make_train_handler` to get a gradio
+click handler wrapped in `wrap_gradio_gpu_call`, which takes the lock, registers the task id for
+the progress bar (`/internal/progress`) and turns an exception into an error message. The lock is
+a non-reentrant FIFO lock: nothing inside a job may call the WebUI's HTTP API (deadlock).
+
+Order of a job:
+1. refuse what cannot work (no model, --lowvram, Forge, inpainting/fp8/SD3 models);
+2. `clean_base_weights`: undo LoRAs the last generation merged into the weights, verify;
+3. `ModelGuard`: digest of every weight; on exit adapters off, flags back, digest checked;
+4. `run_training` with the WebUI backbone, the progress observer (Interrupt = clean stop with a
+   checkpoint) and an observer that refreshes the WebUI's Lora caches after each save.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..training.control import TrainingControl, TrainingObserver
+from .backbone import WebuiBackbone
+from .env import WebuiEnv
+from .lora_state import ModelGuard, clean_base_weights, invalidate_webui_lora_caches
+from .paths import check_run_dir, extension_dir, webui_defaults
+from .progress import WebuiProgress
+
+log = logging.getLogger("lora_trainer")
+
+# the control of the job running now (jobs never overlap: they hold the WebUI's queue lock)
+_current_control: TrainingControl | None = None
+
+
+class CannotTrain(RuntimeError):
+    """A refusal with a message meant for the user."""
+
+
+# ---- checks -----------------------------------------------------------------------------------------
+
+def check_can_train(env: WebuiEnv) -> None:
+    model = env.sd_model
+    if model is None:
+        raise CannotTrain("No Stable Diffusion model is loaded; pick a checkpoint first.")
+    if hasattr(model, "forge_objects") or getattr(model, "model", None) is None:
+        raise CannotTrain("Training on the loaded model needs AUTOMATIC1111's WebUI (v1.10); this "
+                          "model object looks like Forge's, which is not supported yet.")
+    if env.cmd_option("lowvram", False):
+        raise CannotTrain("The WebUI runs with --lowvram, which keeps the model in pieces on the CPU; "
+                          "training needs it on the GPU. Restart the WebUI without --lowvram "
+                          "(--medvram works).")
+    if getattr(model, "is_sd3", False):
+        raise CannotTrain("SD3 models are not supported; load an SD1, SD2 or SDXL checkpoint.")
+    unet = model.model.diffusion_model
+    in_channels = getattr(unet, "in_channels", 4)
+    if in_channels != 4:
+        raise CannotTrain(f"The loaded model's UNet takes {in_channels} input channels (an inpainting "
+                          "or depth model); load a regular checkpoint to train a LoRA.")
+    float8 = {d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d}
+    if any(p.dtype in float8 for p in unet.parameters()):
+        raise CannotTrain("The model's weights are stored in FP8 (Settings > Optimizations > FP8 weight); "
+                          "switch FP8 off to train.")
+
+
+def prepare_config(cfg, env: WebuiEnv, backbone: WebuiBackbone):
+    """What the WebUI decides for a job: outputs outside the Lora scan, precision of the loaded model."""
+    check_run_dir(cfg.run_dir, env)
+    changes = {}
+    if backbone.dtype in (torch.float16, torch.bfloat16) and cfg.mixed_precision == "no":
+        # the loaded weights are half precision and are trained in place (no fp32 copy)
+        changes["mixed_precision"] = "fp16" if backbone.dtype == torch.float16 else "bf16"
+        log.info("the WebUI model is %s: training with mixed_precision %s", backbone.dtype,
+                 changes["mixed_precision"])
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def build_webui_config(values: dict, env: WebuiEnv):
+    """A TrainConfig from the tab's values, completed with the WebUI's defaults (output and LoRA
+    folders, preview settings, the loaded checkpoint as base_model). Relative paths are relative to
+    the extension folder, so the default run_dir is `<extension>/runs/<output_name>`."""
+    from ..config import config_from_dict
+
+    merged = dict(webui_defaults(env))
+    if not Path(merged.get("lora_dir", "")).is_dir():
+        merged.pop("lora_dir", None)
+    merged.update({k: v for k, v in values.items() if v is not None})
+    if not merged.get("base_model"):
+        filename = getattr(getattr(env.sd_model, "sd_checkpoint_info", None), "filename", None)
+        if filename and Path(filename).exists():
+            merged["base_model"] = filename
+    return config_from_dict(merged, base_dir=extension_dir(), source="<webui>",
+                            required=("train_data_dir",))
+
+
+# ---- the job --------------------------------------------------------------------------------------------
+
+class _RefreshWebuiLoras(TrainingObserver):
+    """After every LoRA file write: the WebUI sees the new file, not cached copies of the old one."""
+
+    def __init__(self, env: WebuiEnv):
+        self.env = env
+        self.saved: list[Path] = []
+
+    def on_lora_saved(self, path) -> None:
+        self.saved.append(Path(path))
+        try:
+            invalidate_webui_lora_caches(self.env, names=[Path(path).stem])
+        except Exception:   # a stale card list must never fail a training run
+            log.warning("could not refresh the WebUI's Lora list", exc_info=True)
+
+
+@contextlib.contextmanager
+def _console_logging():
+    """The job's messages on the WebUI's console the way the CLI shows them: one line each, without
+    the records meant for train.log only (the effective config, per-step lines); they would
+    otherwise reach whatever handler the WebUI's root logger has."""
+    logger = logging.getLogger("lora_trainer")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("lora_trainer: %(message)s"))
+    handler.setLevel(logging.INFO)
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))
+    propagate, level = logger.propagate, logger.level
+    logger.addHandler(handler)
+    logger.propagate = False
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate, logger.level = propagate, level
+
+
+def _run_training():
+    """`training.session.run_training`, without letting its import switch the whole WebUI process to
+    offline mode (session.py sets HF_HUB_OFFLINE for headless runs)."""
+    had = "HF_HUB_OFFLINE" in os.environ
+    from ..training.session import run_training
+    if not had:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    return run_training
+
+
+def train_on_loaded_model(cfg, *, env: WebuiEnv | None = None, control: TrainingControl | None = None,
+                          observers=(), previewer=None, force_resume: bool = False):
+    """Train a LoRA on the WebUI's loaded model, in place. Call with the WebUI's queue lock held."""
+    global _current_control
+    env = env or WebuiEnv.current()
+    check_can_train(env)
+    with _console_logging():
+        model = env.sd_model
+        control = control or TrainingControl()
+        run_training = _run_training()
+        report = clean_base_weights(model, env.networks)
+        log.info("%s", report.summary())
+        refresher = _RefreshWebuiLoras(env)
+        progress = [WebuiProgress(control, env.state)] if env.state is not None else []
+        _current_control = control
+        try:
+            with ModelGuard(model) as guard, torch.inference_mode(False), torch.enable_grad():
+                backbone = WebuiBackbone(model, env=env, resolution=cfg.resolution)
+                cfg = prepare_config(cfg, env, backbone)
+                try:
+                    result = run_training(cfg, backbone, control, [*progress, refresher, *observers],
+                                          previewer, force_resume)
+                finally:
+                    backbone.release()
+            log.info("the WebUI model is as before training (weights digest %s)", guard.digest)
+        finally:
+            _current_control = None
+        if refresher.saved:
+            invalidate_webui_lora_caches(env, names=sorted({p.stem for p in refresher.saved}))
+        return result
+
+
+# ---- buttons --------------------------------------------------------------------------------------------
+
+def request_stop(env: WebuiEnv | None = None) -> None:
+    """The tab's Stop button: the same as the WebUI's Interrupt (clean stop with a checkpoint)."""
+    if _current_control is not None:
+        _current_control.request_stop("stopped from the Train LoRA tab")
+    env = env or WebuiEnv.current()
+    if env.state is not None:
+        env.state.interrupt()
+
+
+def request_save_now() -> bool:
+    if _current_control is None:
+        return False
+    _current_control.save_now.set()
+    return True
+
+
+def request_preview_now() -> bool:
+    if _current_control is None:
+        return False
+    _current_control.preview_now.set()
+    return True
+
+
+def is_training() -> bool:
+    return _current_control is not None
+
+
+def result_outputs(result) -> tuple[str, str]:
+    """(status text, HTML): the WebUI appends its "Time taken" block to the last output, an HTML."""
+    return result.message, f"<p>{html.escape(result.message)}</p>"
+
+
+def make_train_handler(build_config, format_result=result_outputs, extra_outputs=None):
+    """A gradio click handler for the tab's Train button.
+
+    `build_config(*inputs)` turns the inputs after the task id into a TrainConfig (e.g. via
+    `build_webui_config`). The first input must be the task id the tab's JavaScript sets with
+    `randomId()` (see docs/webui.md); the handler holds the queue lock while it trains.
+    """
+    from modules import call_queue
+
+    def train(id_task, *inputs):
+        cfg = build_config(*inputs)
+        return format_result(train_on_loaded_model(cfg))
+
+    return call_queue.wrap_gradio_gpu_call(train, extra_outputs=extra_outputs if extra_outputs is not None
+                                           else [""])
+
+
+def train_from_json(config_json: str, env: WebuiEnv | None = None):
+    """A job from a JSON object of TrainConfig keys (what the hidden API endpoint receives)."""
+    env = env or WebuiEnv.current()
+    values = json.loads(config_json) if config_json.strip() else {}
+    if not isinstance(values, dict):
+        raise CannotTrain("the config must be a JSON object of TrainConfig keys")
+    return train_on_loaded_model(build_webui_config(values, env), env=env)
+
+
+def make_json_train_handler():
+    """Handler for a hidden button registered with `api_name="lora_trainer_train_json"`: inputs
+    (task id, config JSON), outputs (result JSON, HTML). Scripts and tests/webui drive training
+    through it."""
+    from modules import call_queue
+
+    def train(id_task, config_json):
+        result = train_from_json(config_json)
+        payload = {"status": result.status, "step": result.step, "total_steps": result.total_steps,
+                   "lora_path": str(result.lora_path), "run_dir": str(result.run_dir),
+                   "message": result.message}
+        return json.dumps(payload), f"<p>{html.escape(result.message)}</p>"
+
+    return call_queue.wrap_gradio_gpu_call(train, extra_outputs=[""])

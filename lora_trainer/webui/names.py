@@ -1,0 +1,183 @@
+"""Layer names inside the WebUI's loaded model (LDM module paths) <-> kohya LoRA names, both ways.
+
+The WebUI (A1111 v1.10) names every layer of `shared.sd_model` after its LDM module path with dots
+replaced by underscores (its `network_layer_mapping`): `diffusion_model_input_blocks_1_1_proj_in`,
+`transformer_text_model_encoder_layers_0_mlp_fc1`, SDXL's text encoders with an `0_` / `1_` prefix.
+A LoRA file names the same layers the kohya way. Which kohya spelling we write is a per-family
+choice, kept here as data (`LAYOUTS`):
+
+- SD1 / SD2 UNet: the diffusers-style name (`lora_unet_down_blocks_0_attentions_0_proj_in`), so a
+  LoRA trained in the WebUI is byte-for-byte the file the headless trainer writes, and every loader
+  (WebUI, Forge, ComfyUI, diffusers) reads it.
+- SDXL UNet: kohya's native LDM name (`lora_unet_input_blocks_4_1_proj_in`); the WebUI's SD1-only
+  index arithmetic would misplace SDXL up-samplers under diffusers-style names.
+- Text encoders: transformers CLIP names (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`,
+  `lora_te1_…`, `lora_te2_…`). OpenCLIP encoders (SD2, SDXL's second) only expose their MLP as
+  Linear layers (`mlp.c_fc` -> `mlp_fc1`, `mlp.c_proj` -> `mlp_fc2`); their attention is one
+  `nn.MultiheadAttention` that a Linear adapter cannot wrap, so it is not a target.
+
+Pure python apart from the role check (which looks at the module's type).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..lora.kohya_names import kohya_name, ldm_path_to_kohya_diffusers, webui_candidate_names
+from ..lora.targets import ATTENTION, FEED_FORWARD, PROJECTION, RESNET, SAMPLER
+
+# ---- per-family layout (data) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextEncoderLayout:
+    component: str      # LoraTarget.component: "te" (SD1/SD2), "te1" / "te2" (SDXL)
+    kohya_prefix: str   # lora_te / lora_te1 / lora_te2
+    root: str           # attribute path from the WebUI model to the module the WebUI names layers in
+    webui_prefix: str   # "" (SD1/SD2) or "0_" / "1_" (SDXL embedders)
+    style: str          # "hf_clip" (transformers CLIPTextModel) | "open_clip"
+
+
+@dataclass(frozen=True)
+class WebuiLayout:
+    family: str                        # "sd1" | "sd2" | "sdxl" (backbones.families)
+    unet_naming: str                   # "diffusers" | "ldm"
+    text_encoders: tuple[TextEncoderLayout, ...]
+    conditioning_uses_sizes: bool      # SDXL's `vector` depends on the image size
+    webui_is_sd2: bool                 # the flag the WebUI passes to its name conversion
+
+    @property
+    def unet_root(self) -> str:
+        return "model.diffusion_model"
+
+
+LAYOUTS = {
+    "sd1": WebuiLayout("sd1", "diffusers",
+                       (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "hf_clip"),),
+                       conditioning_uses_sizes=False, webui_is_sd2=False),
+    "sd2": WebuiLayout("sd2", "diffusers",
+                       (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "open_clip"),),
+                       conditioning_uses_sizes=False, webui_is_sd2=True),
+    "sdxl": WebuiLayout("sdxl", "ldm",
+                        (TextEncoderLayout("te1", "lora_te1", "conditioner.embedders.0.wrapped", "0_", "hf_clip"),
+                         TextEncoderLayout("te2", "lora_te2", "conditioner.embedders.1.wrapped", "1_", "open_clip")),
+                        conditioning_uses_sizes=True, webui_is_sd2=False),
+}
+
+
+def family_of(sd_model) -> str:
+    """The model family from the flags the WebUI sets on its model (sd_models.set_model_type)."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd1"
+    flags = {k: getattr(sd_model, k, None) for k in ("is_sd1", "is_sd2", "is_sdxl", "is_sd3", "is_ssd")}
+    raise ValueError(f"the loaded model is neither SD1, SD2 nor SDXL ({flags}); only those can be trained")
+
+
+# ---- UNet -------------------------------------------------------------------------------------------
+
+_RESNET_LEAVES = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection)$")
+
+
+def ldm_unet_role(path: str, module: nn.Module) -> str | None:
+    """Role (lora.targets) of an LDM UNet layer, `path` relative to `diffusion_model`; None if LoRA
+    never targets it. Same classes as the diffusers backbone's `unet_role`, spelled in LDM names."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return None
+    parts = path.split(".")
+    leaf = parts[-1]
+    if "transformer_blocks" in parts:
+        if leaf in ("to_q", "to_k", "to_v") or path.endswith("to_out.0"):
+            return ATTENTION
+        if path.endswith("ff.net.0.proj") or path.endswith("ff.net.2"):
+            return FEED_FORWARD
+        return None
+    if leaf in ("proj_in", "proj_out"):
+        return PROJECTION
+    if parts[0] in ("input_blocks", "middle_block", "output_blocks") and _RESNET_LEAVES.search(path):
+        return RESNET
+    if (parts[0] == "input_blocks" and leaf == "op") or (parts[0] == "output_blocks" and leaf == "conv"):
+        return SAMPLER
+    return None
+
+
+def unet_kohya_name(ldm_path: str, layout: WebuiLayout) -> str:
+    """kohya name of an LDM UNet layer (`path` relative to `diffusion_model`)."""
+    if layout.unet_naming == "diffusers":
+        return ldm_path_to_kohya_diffusers(ldm_path)
+    return "lora_unet_" + ldm_path.replace(".", "_")
+
+
+def unet_webui_name(ldm_path: str) -> str:
+    """The WebUI's `network_layer_name` of an LDM UNet layer (it walks `sd_model.model`)."""
+    return "diffusion_model_" + ldm_path.replace(".", "_")
+
+
+# ---- text encoders -----------------------------------------------------------------------------------
+
+_OPEN_CLIP_MLP = re.compile(r"^(?:model\.)?transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)$")
+_OPEN_CLIP_TO_HF = {"c_fc": "fc1", "c_proj": "fc2"}
+
+
+def text_encoder_kohya_name(path: str, encoder: TextEncoderLayout) -> str | None:
+    """kohya name of a text-encoder Linear (`path` relative to the encoder's WebUI root), or None if
+    it is not a LoRA target (embeddings, projections, open_clip attention)."""
+    if encoder.style == "hf_clip":
+        hf_path = path[len("transformer."):] if path.startswith("transformer.") else path
+        if ".layers." not in "." + hf_path:
+            return None
+        return kohya_name(encoder.kohya_prefix, hf_path)
+    m = _OPEN_CLIP_MLP.match(path)
+    if not m:
+        return None
+    return f"{encoder.kohya_prefix}_text_model_encoder_layers_{m.group(1)}_mlp_{_OPEN_CLIP_TO_HF[m.group(2)]}"
+
+
+def text_encoder_webui_name(path: str, encoder: TextEncoderLayout) -> str:
+    return encoder.webui_prefix + path.replace(".", "_")
+
+
+# ---- resolution (kohya -> WebUI) ---------------------------------------------------------------------
+
+
+def resolve_in_webui(kohya: str, webui_layer_names, layout: WebuiLayout) -> str | None:
+    """The WebUI layer a kohya key lands on when the WebUI loads the file (its lookup order), or None."""
+    for candidate in webui_candidate_names(kohya, layout.webui_is_sd2):
+        if candidate in webui_layer_names:
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class LayerName:
+    kohya: str           # name in the LoRA file
+    ldm_path: str        # module path inside the WebUI model, e.g. model.diffusion_model.input_blocks.1.1.proj_in
+    webui: str           # the WebUI's network_layer_name
+    component: str       # "unet" | "te" | "te1" | "te2"
+    role: str
+
+
+class NameTable:
+    """Every LoRA-able layer of one loaded model under its three names, looked up either way."""
+
+    def __init__(self, layers: list[LayerName]):
+        self.layers = sorted(layers, key=lambda n: n.kohya)
+        self.by_kohya = {n.kohya: n for n in self.layers}
+        self.by_ldm = {n.ldm_path: n for n in self.layers}
+        self.by_webui = {n.webui: n for n in self.layers}
+        if not (len(self.by_kohya) == len(self.by_ldm) == len(self.by_webui) == len(self.layers)):
+            raise ValueError("two layers of the loaded model map to the same name")
+
+    def kohya_of(self, ldm_path: str) -> str:
+        return self.by_ldm[ldm_path].kohya
+
+    def ldm_of(self, kohya: str) -> str:
+        return self.by_kohya[kohya.partition(".")[0]].ldm_path
+
+    def webui_of(self, kohya: str) -> str:
+        return self.by_kohya[kohya.partition(".")[0]].webui

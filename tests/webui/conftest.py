@@ -1,0 +1,72 @@
+"""Fixture of the real-WebUI suite; skipped unless LORA_TRAINER_WEBUI_DIR is set (see webui_harness)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from webui_harness import (SKIP_REASON, WEBUI_DIR, _free_port, _webui_python, http,  # noqa: E402
+                           install_extension)
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory):
+    if not WEBUI_DIR:
+        pytest.skip(SKIP_REASON)
+    from tiny_model import write_tiny_webui_model
+
+    from lora_trainer.tools.demo import write_dataset
+
+    root = Path(WEBUI_DIR)
+    python = _webui_python(root)
+    data = tmp_path_factory.mktemp("webui-data")
+    write_tiny_webui_model(data / "models")
+    extension = install_extension(data / "extensions")
+    (data / "config.json").write_text(json.dumps({
+        "live_previews_enable": False,            # no VAE-approx model download for SD1-sized previews
+        "sd_model_checkpoint": "tiny-sd1.safetensors",
+        "sd_checkpoint_hash": "",
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    # the extension's installer, as the WebUI runs it (PYTHONPATH = the WebUI folder)
+    install = subprocess.run([python, str(extension / "install.py")], cwd=root, capture_output=True,
+                             text=True, env={**env, "PYTHONPATH": str(root)}, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    port = _free_port()
+    log_path = data / "webui.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [python, "launch.py", "--data-dir", str(data), "--use-cpu", "all", "--no-half", "--precision",
+         "full", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
+         "--skip-version-check", "--no-download-sd-model", "--api", "--port", str(port)],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + float(os.environ.get("LORA_TRAINER_WEBUI_TIMEOUT", "300"))
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the WebUI exited ({process.returncode}):\n{log_path.read_text()[-5000:]}")
+            try:
+                http("GET", url + "/sdapi/v1/sd-models", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                if time.time() > deadline:
+                    raise RuntimeError(f"the WebUI did not come up:\n{log_path.read_text()[-5000:]}")
+                time.sleep(1)
+        yield {"url": url, "data": data, "extension": extension, "log": log_path,
+               "dataset": write_dataset(data / "dataset", count=6, size=64)}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

@@ -1,0 +1,167 @@
+"""Training on the real WebUI's loaded model (see conftest.py: skipped without LORA_TRAINER_WEBUI_DIR)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from webui_harness import SKIP_REASON, WEBUI_DIR, http
+
+pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON)
+
+PROMPT = "lt_demo, a red circle"
+
+
+def txt2img(webui, prompt: str) -> np.ndarray:
+    payload = {"prompt": prompt, "negative_prompt": "", "steps": 4, "width": 64, "height": 64,
+               "seed": 1, "sampler_name": "Euler", "cfg_scale": 7, "batch_size": 1,
+               "send_images": True, "save_images": False}
+    result = http("POST", webui["url"] + "/sdapi/v1/txt2img", payload)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB"),
+                      dtype=np.int16)
+
+
+def model_state(webui) -> dict:
+    return http("GET", webui["url"] + "/lora_trainer_test/model_state")
+
+
+def train(webui, **values) -> dict:
+    config = dict(train_data_dir=str(webui["dataset"]), resolution=64, lora_rank=4, batch_size=2,
+                  learning_rate=2e-2, max_train_steps=10, save_steps=0, save_precision="fp32",
+                  resume=False, preview_prompts=[], write_card=False)
+    config.update(values)
+    return http("POST", webui["url"] + "/lora_trainer_test/train", config)
+
+
+def test_extension_loads_with_its_tab_and_settings(webui):
+    options = http("GET", webui["url"] + "/sdapi/v1/options")
+    assert options["lora_trainer_output_dir"] == ""
+    assert options["lora_trainer_preview_steps"] == 20
+    config = http("GET", webui["url"] + "/config")
+    assert "Train LoRA" in json.dumps(config)
+    log = Path(webui["log"]).read_text()
+    assert "Error loading script: lora_trainer_tab.py" not in log
+
+
+def test_train_on_the_loaded_model_and_use_the_lora(webui):
+    base = txt2img(webui, PROMPT)
+    before = model_state(webui)
+    assert before["adapter_hosts"] == 0
+
+    result = train(webui, output_name="webui_test_lora", target_modules="locon", train_text_encoder=True)
+    assert result["status"] == "finished" and result["step"] == 10, result
+    lora = Path(result["lora_path"])
+    assert lora == webui["data"] / "models" / "Lora" / "webui_test_lora.safetensors" and lora.exists()
+    assert Path(result["run_dir"]) == webui["extension"] / "runs" / "webui_test_lora"
+
+    after = model_state(webui)
+    assert after == before     # same model object, bit-identical weights, nothing left attached
+
+    listed = [x["name"] for x in http("GET", webui["url"] + "/sdapi/v1/loras")]
+    assert "webui_test_lora" in listed
+    # every layer of the file (all roles, text encoder included) lands on a module of the model
+    matched = http("GET", webui["url"] + "/lora_trainer_test/matched/webui_test_lora")
+    assert matched["file_layers"] == 129 and matched["matched"] == 129, matched
+    assert matched["text_encoder_layers"] == 12 and matched["sd_version"] == "SdVersion.SD1"
+    with_lora = txt2img(webui, f"{PROMPT} <lora:webui_test_lora:0.7>")
+    print(f"<lora:webui_test_lora:0.7> vs base: max {np.abs(with_lora - base).max()}, "
+          f"mean {np.abs(with_lora - base).mean():.2f} (0-255)")
+    assert np.abs(with_lora - base).max() > 0, "the LoRA does not change the image"
+
+    # the WebUI has that LoRA merged into the weights right now; train again over the same file:
+    # the job starts from the clean weights, and the next generation uses the new file, not a
+    # cached merge or cached conditioning
+    merged = model_state(webui)
+    assert merged["loaded_networks"] == ["webui_test_lora"] and merged["digest"] != before["digest"]
+    again = train(webui, output_name="webui_test_lora", learning_rate=5e-2, seed=7)
+    assert again["status"] == "finished"
+    assert model_state(webui) == before
+    retrained = txt2img(webui, f"{PROMPT} <lora:webui_test_lora:0.7>")
+    assert not np.array_equal(retrained, with_lora)
+    assert np.array_equal(txt2img(webui, f"{PROMPT} <lora:webui_test_lora:0>"), base)
+    assert np.array_equal(txt2img(webui, PROMPT), base)
+    assert model_state(webui) == before
+
+
+def test_interrupt_is_a_clean_stop_with_a_checkpoint(webui):
+    box = {}
+    worker = threading.Thread(target=lambda: box.setdefault(
+        "result", train(webui, output_name="webui_interrupted", epochs=1000, max_train_steps=5000)))
+    worker.start()
+    log = webui["extension"] / "runs" / "webui_interrupted" / "logs" / "train.log"
+    deadline = time.time() + 120
+    while not (log.exists() and "step 1/5000" in log.read_text()):   # training is under way
+        assert time.time() < deadline and worker.is_alive()
+        time.sleep(0.2)
+    http("POST", webui["url"] + "/sdapi/v1/interrupt")
+    worker.join(timeout=300)
+    result = box["result"]
+    assert result["status"] == "stopped" and 0 < result["step"] < 5000, result
+    assert Path(result["last_checkpoint"]).exists() and Path(result["lora_path"]).exists()
+    assert model_state(webui)["adapter_hosts"] == 0
+
+
+def _tab_endpoint(webui, api_name: str):
+    config = http("GET", webui["url"] + "/config")
+    for i, dep in enumerate(config.get("dependencies", [])):
+        if dep.get("api_name") == api_name:
+            return i
+    return None
+
+
+def train_through_gradio(webui, api_name: str, output_name: str, **values):
+    """POST /run/<api_name> with (task id, config JSON) while polling the progress endpoint, as the
+    browser does with requestProgress()."""
+    task = f"task({output_name})"
+    config = {"train_data_dir": str(webui["dataset"]), "output_name": output_name, "resolution": 64,
+              "lora_rank": 4, "max_train_steps": 40, "epochs": 10, "save_steps": 0, "resume": False,
+              "preview_prompts": [], "write_card": False, **values}
+    box, progress = {}, []
+
+    def run():
+        box["response"] = http("POST", webui["url"] + f"/run/{api_name}",
+                               {"data": [task, json.dumps(config)]})
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    while worker.is_alive():
+        progress.append(http("POST", webui["url"] + "/internal/progress",
+                             {"id_task": task, "id_live_preview": -1, "live_preview": False}))
+        time.sleep(0.2)
+    worker.join()
+    data = box["response"]["data"]
+    assert "Time taken" in data[-1]          # the last output is the HTML the WebUI appends to
+    payload = json.loads(data[0])
+    assert payload["status"] == "finished" and Path(payload["lora_path"]).exists(), data
+    active = [p for p in progress if p.get("active")]
+    assert any((p.get("textinfo") or "").startswith("Step ") for p in active), progress[-5:]
+    assert any(0 < (p.get("progress") or 0) <= 1 for p in active), progress[-5:]
+    done = http("POST", webui["url"] + "/internal/progress", {"id_task": task, "live_preview": False})
+    assert done["completed"] and not done["active"]
+    return payload
+
+
+def test_gradio_handler_holds_the_lock_and_drives_the_progress_bar(webui):
+    """job.make_json_train_handler on a hidden button of the test harness; with the project's own
+    previews (rendered through the WebUI backbone, not process_images) and the Lora card files."""
+    before = model_state(webui)
+    payload = train_through_gradio(webui, "lora_trainer_test_train_json", "webui_handler_lora",
+                                   preview_prompts=[f"{PROMPT} <lora:webui_handler_lora:0.7>"],
+                                   preview_every_n_steps=20, preview_steps=2, write_card=True)
+    assert (Path(payload["run_dir"]) / "previews" / "000020" / "0.png").exists()
+    assert (Path(payload["lora_path"]).with_suffix(".preview.png")).exists()
+    assert model_state(webui) == before
+
+
+def test_train_through_the_tab_api_with_progress(webui):
+    if _tab_endpoint(webui, "lora_trainer_train_json") is None:
+        pytest.skip("the Train LoRA tab does not expose api_name='lora_trainer_train_json' yet "
+                    "(lora_trainer.ui.tab wires job.make_json_train_handler to a hidden button)")
+    train_through_gradio(webui, "lora_trainer_train_json", "webui_api_lora")

@@ -1,0 +1,151 @@
+"""Helpers of the real-WebUI suite (tests/webui). The real-WebUI suite: starts an AUTOMATIC1111 v1.10.1 WebUI on 127.0.0.1 with a tiny SD1 model and
+this extension installed, and trains through it. Skipped unless LORA_TRAINER_WEBUI_DIR points at a
+WebUI checkout (with its repositories/ and a Python environment); see docs/webui.md.
+
+Environment:
+  LORA_TRAINER_WEBUI_DIR      the WebUI folder (launch.py, modules/, repositories/)
+  LORA_TRAINER_WEBUI_PYTHON   its Python (default: <dir>/venv/bin/python, else this Python)
+  LORA_TRAINER_WEBUI_TIMEOUT  seconds to wait for the server (default 300)
+
+Everything the WebUI writes goes to a temporary --data-dir (models, extensions, config, outputs);
+the WebUI checkout itself is not modified.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+WEBUI_DIR = os.environ.get("LORA_TRAINER_WEBUI_DIR")
+SKIP_REASON = ("real-WebUI suite: set LORA_TRAINER_WEBUI_DIR to an AUTOMATIC1111 v1.10.1 checkout "
+               "(with repositories/ and a venv) to run it; see docs/webui.md")
+REPO = Path(__file__).resolve().parents[2]
+EXTENSION_NAME = "lora-trainer under test"   # a folder name unlike the package's, on purpose
+
+# A test-only extension: routes that run a job / read the model's state under the WebUI's queue
+# lock, so tests can drive lora_trainer.webui.job without the tab. Not part of the product.
+HARNESS = '''
+import json
+from fastapi import Body
+from modules import call_queue, script_callbacks, shared
+
+
+def _locked(job_name, fn):
+    with call_queue.queue_lock:
+        shared.state.begin(job=job_name)
+        try:
+            return fn()
+        finally:
+            shared.state.end()
+            shared.state.interrupted = False
+
+
+def app_started(_demo, app):
+    @app.post("/lora_trainer_test/train")
+    def train(payload: dict = Body(...)):
+        from lora_trainer.webui import job
+        result = _locked("lora_trainer_test", lambda: job.train_from_json(json.dumps(payload)))
+        return {"status": result.status, "step": result.step, "total_steps": result.total_steps,
+                "lora_path": str(result.lora_path), "run_dir": str(result.run_dir),
+                "last_checkpoint": str(result.last_checkpoint), "message": result.message}
+
+    @app.get("/lora_trainer_test/matched/{name}")
+    def matched(name: str):
+        # the WebUI's own loader on the file: how many of its layers find a module of the model
+        import networks
+        from safetensors import safe_open
+
+        def read():
+            networks.list_available_networks()
+            on_disk = networks.available_networks[name]
+            net = networks.load_network(name, on_disk)
+            with safe_open(on_disk.filename, "pt") as f:
+                layers = sorted({k.partition(".")[0] for k in f.keys()})
+            return {"file_layers": len(layers), "matched": len(net.modules),
+                    "text_encoder_layers": sum(k.startswith("lora_te") for k in layers),
+                    "sd_version": str(on_disk.sd_version)}
+        return _locked("lora_trainer_test_matched", read)
+
+    @app.get("/lora_trainer_test/model_state")
+    def model_state():
+        from lora_trainer.lora import host
+        from lora_trainer.webui import lora_state
+        from lora_trainer.webui.env import lora_extension_module
+
+        def read():
+            model = shared.sd_model
+            digests = lora_state.weight_digests(model)
+            networks = lora_extension_module()
+            return {"digest": lora_state.combined_digest(digests), "tensors": len(digests),
+                    "model_id": id(model),
+                    "adapter_hosts": sum(host.has_adapters(m) for m in model.modules()),
+                    "instance_forwards": sum("forward" in m.__dict__ for m in model.modules()),
+                    "requires_grad": sum(p.requires_grad for p in model.parameters()),
+                    "loaded_networks": [n.name for n in networks.loaded_networks] if networks else None}
+        return _locked("lora_trainer_test_state", read)
+
+
+def ui_tabs():
+    # the job's gradio handler (wrap_gradio_gpu_call: queue lock, task id, progress) on a hidden
+    # button, as the Train LoRA tab is asked to wire it
+    import gradio as gr
+    from lora_trainer.webui import job
+
+    with gr.Blocks(analytics_enabled=False) as tab:
+        task, config = gr.Textbox(visible=False), gr.Textbox(visible=False)
+        result, status = gr.Textbox(visible=False), gr.HTML(visible=False)
+        button = gr.Button(visible=False)
+        button.click(fn=job.make_json_train_handler(), inputs=[task, config], outputs=[result, status],
+                     api_name="lora_trainer_test_train_json")
+    return [(tab, "lora_trainer test harness", "lora_trainer_test_harness")]
+
+
+script_callbacks.on_app_started(app_started)
+script_callbacks.on_ui_tabs(ui_tabs)
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, payload=None, timeout=600):
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def _webui_python(webui: Path) -> str:
+    explicit = os.environ.get("LORA_TRAINER_WEBUI_PYTHON")
+    if explicit:
+        return explicit
+    venv = webui / "venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def install_extension(extensions_dir: Path) -> Path:
+    """Copy the extension the way a user's `git clone` into extensions/ lays it out."""
+    target = extensions_dir / EXTENSION_NAME
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("lora_trainer", "scripts", "javascript"):
+        if (REPO / part).exists():
+            shutil.copytree(REPO / part, target / part, ignore=ignore)
+    for part in ("install.py", "style.css", "LICENSE"):
+        if (REPO / part).exists():
+            shutil.copy2(REPO / part, target / part)
+    harness = extensions_dir / "lora_trainer_test_harness" / "scripts"
+    harness.mkdir(parents=True)
+    (harness / "harness.py").write_text(HARNESS)
+    return target
+
+
