@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..lora.targets import (ATTENTION, FEED_FORWARD, PROJECTION, RESNET, SAMPLER, TEXT, LoraTarget)
+from ..lora.targets import PROJECTION, RESNET, SAMPLER, TEXT, LoraTarget, transformer_block_role
 from ..training.objective import alphas_cumprod_from_schedule
 from .families import Family
 
@@ -161,11 +161,7 @@ def unet_role(path: str, module) -> str | None:
     parts = path.split(".")
     leaf = parts[-1]
     if "transformer_blocks" in parts:
-        if leaf in ("to_q", "to_k", "to_v") or path.endswith("to_out.0"):
-            return ATTENTION
-        if path.endswith("ff.net.0.proj") or path.endswith("ff.net.2"):
-            return FEED_FORWARD
-        return None
+        return transformer_block_role(path)
     if "attentions" in parts and leaf in ("proj_in", "proj_out"):
         return PROJECTION
     if "resnets" in parts and leaf in ("conv1", "conv2", "conv_shortcut", "time_emb_proj"):

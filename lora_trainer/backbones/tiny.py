@@ -393,7 +393,7 @@ def write_single_file(path: str | os.PathLike, components: Mapping, metadata: Ma
     see ``family_of_configs``) picks the layout; ``extras`` (optional) are written as well.
     Written atomically: temp file, fsync, rename.
     """
-    from safetensors.torch import save_file
+    from ..storage.atomic import atomic_write_bytes, safetensors_bytes
 
     configs = components.get("configs") or {}
     family = components.get("family") or family_of_configs(_configs_of(components))
@@ -405,7 +405,8 @@ def write_single_file(path: str | os.PathLike, components: Mapping, metadata: Ma
     tensors = {key: tensor.detach().contiguous() for key, tensor in ldm.items()}
     file_metadata = {"format": "pt", **(metadata or {})}
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=file_metadata))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=file_metadata))
     return path
 
 
@@ -523,39 +524,3 @@ def _config_for_file(name: str, config: Mapping) -> dict:
 def _write_json(path: Path, data: Mapping) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path`` so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        _apply_default_permissions(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_directory(path.parent)
-
-
-def _apply_default_permissions(path: Path) -> None:
-    # Some writers create 0600 files; a checkpoint must be readable by e.g. a WebUI run as another user.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
+from ..storage.atomic import atomic_write_text
 from .schema import GROUPS, TrainConfig
 
 # Keys without which no training can start, with the hint shown when one is missing.
@@ -442,45 +442,12 @@ def dump_config(cfg: TrainConfig) -> str:
     return "".join(parts)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via temp file + fsync + os.replace so a crash never leaves a half-written config."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; Windows cannot open folders, which is fine there.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_effective_config(cfg: TrainConfig, run_dir=None) -> Path:
     """Write `<run_dir>/config.yaml` (the config a run really used); returns its path."""
     folder = Path(run_dir if run_dir is not None else cfg.run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / EFFECTIVE_CONFIG_NAME
-    _atomic_write_text(target, dump_config(cfg))
+    atomic_write_text(target, dump_config(cfg))
     return target
 
 

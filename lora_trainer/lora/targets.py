@@ -24,6 +24,15 @@ UNET_PRESETS = {
 }
 
 
+def transformer_block_role(path: str) -> str | None:
+    """Role of a layer inside a transformer block: the same names in diffusers and LDM/SGM UNets."""
+    if path.endswith(("to_q", "to_k", "to_v", "to_out.0")):
+        return ATTENTION
+    if path.endswith(("ff.net.0.proj", "ff.net.2")):
+        return FEED_FORWARD
+    return None
+
+
 @dataclass(frozen=True)
 class LoraTarget:
     name: str            # kohya layer name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in

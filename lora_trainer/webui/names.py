@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..lora.kohya_names import kohya_name, ldm_path_to_kohya_diffusers, webui_candidate_names
-from ..lora.targets import ATTENTION, FEED_FORWARD, PROJECTION, RESNET, SAMPLER
+from ..lora.targets import PROJECTION, RESNET, SAMPLER, transformer_block_role
 
 # ---- per-family layout (data) ---------------------------------------------------------------------
 
@@ -92,11 +92,7 @@ def ldm_unet_role(path: str, module: nn.Module) -> str | None:
     parts = path.split(".")
     leaf = parts[-1]
     if "transformer_blocks" in parts:
-        if leaf in ("to_q", "to_k", "to_v") or path.endswith("to_out.0"):
-            return ATTENTION
-        if path.endswith("ff.net.0.proj") or path.endswith("ff.net.2"):
-            return FEED_FORWARD
-        return None
+        return transformer_block_role(path)
     if leaf in ("proj_in", "proj_out"):
         return PROJECTION
     if parts[0] in ("input_blocks", "middle_block", "output_blocks") and _RESNET_LEAVES.search(path):
