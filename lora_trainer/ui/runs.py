@@ -1,0 +1,84 @@
+"""The runs list: run folders under a runs folder, each with its newest valid checkpoint, and the
+config a Resume starts (the run's own `config.yaml`, which records everything it used)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..config import EFFECTIVE_CONFIG_NAME, load_config
+from ..storage.checkpoints import CHECKPOINTS_DIRNAME, CheckpointStore
+
+COLUMNS = ["Run", "Step", "Loss", "Saved"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    path: Path
+    step: Optional[int]             # newest valid checkpoint, None when there is none
+    loss: Optional[float]
+    saved: Optional[float]          # unix time of that checkpoint
+    resumable: bool                 # has a config.yaml
+    note: str = ""                  # e.g. skipped (corrupt) newer checkpoints
+
+    def row(self) -> list:
+        return [self.name,
+                "-" if self.step is None else self.step,
+                "-" if self.loss is None else f"{self.loss:.5f}",
+                "-" if self.saved is None else time.strftime("%m-%d %H:%M:%S", time.localtime(self.saved))]
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / EFFECTIVE_CONFIG_NAME).is_file()
+                              or (path / CHECKPOINTS_DIRNAME).is_dir())
+
+
+def describe_run(path: Path) -> RunInfo:
+    path = Path(path)
+    info, warnings = CheckpointStore(path).latest_valid()
+    note = f"{len(warnings)} newer checkpoint(s) unusable" if warnings else ""
+    return RunInfo(name=path.name, path=path, step=info.step if info else None,
+                   loss=info.loss if info else None, saved=info.created if info else None,
+                   resumable=(path / EFFECTIVE_CONFIG_NAME).is_file(), note=note)
+
+
+def find_runs(roots: Iterable) -> list[RunInfo]:
+    """Run folders directly under each root (a root that is itself a run counts too), newest first.
+    Missing roots are skipped."""
+    seen, runs = set(), []
+    for root in roots:
+        if not root:
+            continue
+        root = Path(root).expanduser()
+        candidates = [root] if is_run_dir(root) else (
+            sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+        for path in candidates:
+            resolved = path.resolve()
+            if resolved in seen or not is_run_dir(path):
+                continue
+            seen.add(resolved)
+            runs.append(describe_run(path))
+    runs.sort(key=lambda r: (r.saved or _mtime(r.path)), reverse=True)
+    return runs
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def table(runs: list[RunInfo]) -> list[list]:
+    return [r.row() for r in runs]
+
+
+def resume_config(run_dir):
+    """The config a run was started with, set to resume (a `resume: false` run would otherwise be
+    moved aside and started again). Raises ConfigError with every problem."""
+    path = Path(run_dir) / EFFECTIVE_CONFIG_NAME
+    cfg = load_config(path)
+    return dataclasses.replace(cfg, resume=True) if not cfg.resume else cfg

@@ -1,0 +1,238 @@
+"""The form built from the config schema: one component per field, unique labels, and form values
+that round-trip to an equal config. No browser needed."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from lora_trainer.config import ConfigError, config_from_dict, dump_config, field_specs  # noqa: E402
+from lora_trainer.ui import compat, fields, runs, views  # noqa: E402
+from lora_trainer.ui.tab import build_tab  # noqa: E402
+from lora_trainer.ui.worker import TrainingWorker  # noqa: E402
+
+
+def _all_blocks(blocks):
+    return list(blocks.blocks.values())
+
+
+@pytest.fixture(scope="module")
+def tab():
+    return build_tab(mode="standalone", worker=TrainingWorker(trainer=lambda *a, **k: None))
+
+
+@pytest.fixture
+def paths(tiny_sd1, shapes_dataset, tmp_path):
+    # output_dir explicit: a default path is not resolved by config_from_dict, the form's always is
+    return {"train_data_dir": str(shapes_dataset), "base_model": str(tiny_sd1["single_file"]),
+            "output_dir": str(tmp_path / "output")}
+
+
+def test_every_field_has_a_component_with_its_elem_id(tab):
+    by_id = {getattr(b, "elem_id", None): b for b in _all_blocks(tab)}
+    for name, spec in field_specs().items():
+        component = by_id.get(f"lora_trainer_{name}")
+        assert component is not None, f"no component for {name}"
+        expected = {"checkbox": gr.Checkbox, "dropdown": gr.Dropdown, "number": gr.Number,
+                    "number_text": gr.Textbox, "lines": gr.Textbox, "path": gr.Textbox, "text": gr.Textbox}[fields.kind_of(spec)]
+        assert isinstance(component, expected), (name, type(component))
+
+
+def test_component_kinds_follow_the_metadata():
+    specs = field_specs()
+    assert fields.kind_of(specs["random_crop"]) == "checkbox"
+    assert fields.kind_of(specs["optimizer"]) == "dropdown"
+    assert fields.kind_of(specs["resolution"]) == "number"
+    assert fields.kind_of(specs["learning_rate"]) == "number"
+    assert fields.kind_of(specs["max_train_steps"]) == "number_text"   # optional: empty = default
+    assert fields.kind_of(specs["preview_prompts"]) == "lines"
+    assert fields.kind_of(specs["train_data_dir"]) == "path"
+    assert fields.kind_of(specs["output_name"]) == "text"
+
+
+def test_elem_ids_are_unique_in_the_tab(tab):
+    ids = [b.elem_id for b in _all_blocks(tab) if getattr(b, "elem_id", None)]
+    assert all(i.startswith("lora_trainer_") for i in ids)
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+def test_labels_are_unique_in_the_tab(tab):
+    """The WebUI's ui-config.json keys components by label, so duplicates would collide."""
+    labels = [b.label for b in _all_blocks(tab) if getattr(b, "label", None)]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    assert not duplicates, duplicates
+
+
+def test_advanced_fields_are_folded(tab):
+    accordions = {getattr(b, "elem_id", None): b for b in _all_blocks(tab) if isinstance(b, gr.Accordion)}
+    assert accordions["lora_trainer_group_data_advanced"].open is False
+    assert accordions["lora_trainer_group_advanced"].open is False
+    assert accordions["lora_trainer_group_data"].open is True
+
+
+def _form_values(cfg):
+    return fields.config_to_values(cfg)
+
+
+def test_default_form_round_trips(tmp_path, paths):
+    cfg = config_from_dict(paths, base_dir=tmp_path)
+    names = list(field_specs())
+    again = config_from_dict(fields.form_to_dict(_form_values(cfg), names), base_dir=tmp_path)
+    assert again == cfg
+
+
+def test_non_default_form_round_trips(tmp_path, paths, tiny_sd1):
+    raw = dict(paths, metadata_path=None, repeats=3, resolution=64, random_crop=True, min_bucket_reso=64,
+               max_upscale_factor=3.5, cache_dir=str(tmp_path / "cache"), shuffle_caption=True,
+               keep_tokens=1, caption_dropout_rate=0.25, bad_image_policy="skip",
+               base_model_config=str(tiny_sd1["config_folder"]), output_dir=str(tmp_path / "out"),
+               output_name="round trip", save_precision="bf16", trigger_word="zzt",
+               lora_rank=4, lora_alpha=2.5, target_modules="locon", conv_rank=2, train_text_encoder=True,
+               batch_size=2, max_train_steps=17, learning_rate=3e-4, text_encoder_lr=5e-5,
+               lr_scheduler="cosine", max_grad_norm=None, mixed_precision="bf16", seed=7,
+               min_snr_gamma=5.0, prediction_type="v_prediction", device="cpu", save_steps=5,
+               preview_prompts=["a red circle --s 4", "a blue square, <lora:round trip:0.5>"],
+               preview_every_n_steps=3, preview_weight_sweep=[0.0, 0.4, 1.0], preview_width=64,
+               preview_negative_prompt="blurry", write_card=False, tensorboard=False, num_threads=2)
+    raw = {k: v for k, v in raw.items() if k in field_specs()}
+    cfg = config_from_dict(raw, base_dir=tmp_path)
+    names = list(field_specs())
+    values = _form_values(cfg)
+    assert values[names.index("preview_prompts")] == "a red circle --s 4\na blue square, <lora:round trip:0.5>"
+    assert values[names.index("prediction_type")] == "v_prediction"
+    assert values[names.index("max_grad_norm")] == ""
+    assert values[names.index("text_encoder_lr")] == "5e-05"
+    again = config_from_dict(fields.form_to_dict(values, names), base_dir=tmp_path)
+    assert again == cfg
+    assert dump_config(again) == dump_config(cfg)
+
+
+def test_blank_optional_values_mean_default(tmp_path, paths):
+    names = list(field_specs())
+    values = _form_values(config_from_dict(paths, base_dir=tmp_path))
+    values[names.index("prediction_type")] = fields.DEFAULT_CHOICE
+    values[names.index("max_train_steps")] = None
+    values[names.index("trigger_word")] = "   "
+    values[names.index("preview_weight_sweep")] = "0, 0.5\n1"
+    cfg = config_from_dict(fields.form_to_dict(values, names), base_dir=tmp_path)
+    assert cfg.prediction_type is None and cfg.max_train_steps is None and cfg.trigger_word is None
+    assert cfg.preview_weight_sweep == [0.0, 0.5, 1.0]
+
+
+def test_bad_values_list_every_problem(tmp_path):
+    names = list(field_specs())
+    cfg_values = fields.config_to_values(config_from_dict(
+        {"train_data_dir": str(tmp_path), "base_model": str(tmp_path)}, base_dir=tmp_path))
+    cfg_values[names.index("train_data_dir")] = ""
+    cfg_values[names.index("resolution")] = 10
+    cfg_values[names.index("learning_rate")] = 5.0
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(fields.form_to_dict(cfg_values, names, ("train_data_dir", "base_model")),
+                         base_dir=tmp_path)
+    html = views.problems_html(info.value)
+    for text in ("Dataset folder (train_data_dir)", "Resolution (resolution)", "Learning rate (learning_rate)",
+                 "3 problems"):
+        assert text in html
+    assert "Traceback" not in html
+
+
+def test_webui_mode_does_not_require_a_base_model(tmp_path, shapes_dataset):
+    names = list(field_specs())
+    values = fields.config_to_values({"train_data_dir": str(shapes_dataset)})
+    raw = fields.form_to_dict(values, names, required=("train_data_dir",))
+    assert "base_model" not in raw
+    cfg = config_from_dict(raw, base_dir=tmp_path, required=("train_data_dir",))
+    assert cfg.base_model == ""
+
+
+def test_defaults_prefill_the_form(tmp_path):
+    shown = fields.initial_values({"output_dir": str(tmp_path), "resolution": "768", "nonsense": 1})
+    assert shown["output_dir"] == str(tmp_path) and shown["resolution"] == 768.0
+
+
+def test_runs_list_and_resume_config(tmp_path, paths):
+    from lora_trainer.config import write_effective_config
+
+    cfg = config_from_dict(dict(paths, output_name="a", resume=False), base_dir=tmp_path)
+    write_effective_config(cfg)
+    (tmp_path / "runs" / "not_a_run").mkdir()
+    found = runs.find_runs([tmp_path / "runs", tmp_path / "missing"])
+    assert [r.name for r in found] == ["a"]
+    assert found[0].step is None and found[0].resumable
+    resumed = runs.resume_config(found[0].path)
+    assert resumed.resume is True and resumed.run_dir == cfg.run_dir
+    assert dataclasses.replace(resumed, resume=False) == cfg
+
+
+def test_compat_drops_unknown_arguments():
+    box = compat.make(gr.Textbox, label="x", definitely_not_an_argument=1)
+    assert box.label == "x"
+    assert compat.js_kwargs("() => 1") in ({"_js": "() => 1"}, {"js": "() => 1"})
+
+
+def test_webui_mode_builds_with_the_webui_defaults(tmp_path):
+    blocks = build_tab(mode="webui", defaults={"output_dir": str(tmp_path / "Lora"), "preview_steps": 12},
+                       worker=TrainingWorker(trainer=lambda *a, **k: None), base_dir=tmp_path)
+    by_id = {getattr(b, "elem_id", None): b for b in _all_blocks(blocks)}
+    assert by_id["lora_trainer_output_dir"].value == str(tmp_path / "Lora")
+    assert by_id["lora_trainer_preview_steps"].value == 12
+
+
+def test_worker_runs_one_training_at_a_time(tmp_path, paths):
+    import threading
+
+    from lora_trainer.ui.worker import TrainingWorker
+
+    release = threading.Event()
+
+    class Result:
+        status, step, total_steps, message = "finished", 3, 3, "done"
+        lora_path = tmp_path / "x.safetensors"
+
+    def trainer(cfg, control, observers, force_resume=False):
+        observers[0].on_start({"total_steps": 3, "start_step": 0})
+        release.wait(10)
+        return Result()
+
+    worker = TrainingWorker(trainer)
+    cfg = config_from_dict(paths, base_dir=tmp_path)
+    assert not worker.stop() and not worker.save_now()      # nothing to stop yet
+    assert worker.start(cfg)[0]
+    ok, text = worker.start(cfg)
+    assert not ok and "already active" in text
+    assert worker.save_now() and worker.preview_now()
+    assert worker._control.save_now.is_set() and worker._control.preview_now.is_set()
+    release.set()
+    assert worker.join(10)
+    snap = worker.snapshot()
+    assert snap.status == "finished" and snap.lora_path.endswith("x.safetensors")
+    assert views.result_values(snap)[1] == "<lora:x:0.7>"
+
+
+def test_worker_shows_errors_as_a_message(tmp_path, paths):
+    def trainer(cfg, control, observers, force_resume=False):
+        raise RuntimeError("the model exploded")
+
+    worker = TrainingWorker(trainer)
+    worker.start(config_from_dict(paths, base_dir=tmp_path))
+    assert worker.join(10)
+    snap = worker.snapshot()
+    assert snap.status == "error" and snap.error == "RuntimeError: the model exploded"
+    assert "Traceback" not in views.log_text(snap)
+
+
+def test_ui_command_listens_on_localhost_unless_told(monkeypatch, capsys):
+    from lora_trainer.cli import build_parser
+    from lora_trainer.ui import app
+
+    args = build_parser().parse_args(["ui", "--port", "7999"])
+    assert args.func is app.cmd_ui and args.port == 7999 and not args.listen
+    launched = []
+    monkeypatch.setattr(app, "create_app", lambda defaults=None, base_dir=None: object())
+    monkeypatch.setattr(compat, "launch", lambda blocks, host, port, **kw: launched.append((host, port)))
+    app.launch(port=7999, listen=False, block=False)
+    assert launched[-1] == ("127.0.0.1", 7999) and "WARNING" not in capsys.readouterr().err
+    app.launch(port=7999, listen=True, block=False)
+    assert launched[-1] == ("0.0.0.0", 7999) and "WARNING: --listen" in capsys.readouterr().err
