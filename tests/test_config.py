@@ -318,3 +318,17 @@ def test_config_hash_ignores_free_fields(project):
     assert config_hash(cfg) == config_hash(dataclasses.replace(cfg, save_steps=5, output_name="z"))
     assert config_hash(cfg) != config_hash(dataclasses.replace(cfg, lora_rank=4))
     assert len(config_hash(cfg)) == 64
+
+
+def test_default_paths_resolve_against_the_yaml_folder_and_survive_the_effective_config(tmp_path):
+    from lora_trainer.config import load_config, write_effective_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    (tmp_path / "c.yaml").write_text(f"train_data_dir: data\nbase_model: {model.name}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.output_dir == str(tmp_path / "output")
+    effective = write_effective_config(cfg)          # runs/my_lora/config.yaml
+    assert load_config(effective).output_dir == str(tmp_path / "output")

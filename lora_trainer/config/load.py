@@ -323,10 +323,13 @@ def _value_for(spec: FieldSpec, raw: Mapping, base_dir, required: Iterable[str])
     """The checked value of one field; raises ValueProblem."""
     if spec.name in required and _is_blank(raw.get(spec.name)):
         raise ValueProblem(f"missing; {REQUIRED_KEYS.get(spec.name, 'give it a value')}")
-    if spec.name not in raw:
-        return _fresh_default(spec)
-    value = coerce_value(spec.name, raw[spec.name])
     kind = spec.meta.get("path")
+    if spec.name not in raw:
+        default = _fresh_default(spec)
+        # a default path (output_dir: output) is relative to the YAML too, and is written resolved
+        # into the run's config.yaml so resuming from that file lands in the same place
+        return resolve_path(default, base_dir) if kind and default else default
+    value = coerce_value(spec.name, raw[spec.name])
     if kind and value is not None:
         if not value.strip():
             raise ValueProblem("is empty; give a path")
