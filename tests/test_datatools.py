@@ -98,19 +98,23 @@ def test_clean_set_has_no_errors_or_warnings(tmp_path):
     assert problems == []
     assert min(i.sharpness for i in result.images) > 10 * CheckOptions().blur_threshold
     assert result.summary["epoch_size"] == CLEAN_COUNT
-    assert result.summary["buckets"] == [{"bucket": "256x256", "images": CLEAN_COUNT}]  # sides >= 256
+    # the report's buckets are the ones training uses (data.buckets), per image
+    from lora_trainer.data.buckets import bucket_for
+    for image in result.images:
+        assert image.bucket == bucket_for(image.width, image.height, RESOLUTION)
+    assert sum(b["images"] for b in result.summary["buckets"]) == CLEAN_COUNT
 
 
-def test_buckets_follow_the_simple_sd_rule():
-    from lora_trainer.datatools.buckets import bucket_for, sd_buckets
+def test_report_buckets_are_the_trainers_buckets():
+    from lora_trainer.data.buckets import bucket_for, default_buckets
 
-    buckets = sd_buckets(512)
+    buckets = default_buckets(512)
     assert all(w % 64 == 0 and h % 64 == 0 and 256 <= min(w, h) and max(w, h) <= 1024 for w, h in buckets)
     assert all(w * h <= 512 * 512 for w, h in buckets) and (512, 512) in buckets
     assert bucket_for(384, 288, 512) == (576, 448)
     assert bucket_for(288, 384, 512) == (448, 576)
     assert bucket_for(5000, 100, 512) == (1024, 256)
-    assert sd_buckets(64) == ((64, 64),)
+    assert default_buckets(64) == ((64, 64),)
 
 
 def test_planted_problems_are_found_with_their_severity(planted):

@@ -6,6 +6,7 @@ cropped; a batch only ever holds images of one bucket.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -19,11 +20,15 @@ class BucketSpec:
     step: int
 
     @classmethod
+    def for_resolution(cls, resolution: int, step: int = 64, min_reso: int | None = None,
+                       max_reso: int | None = None) -> "BucketSpec":
+        low = min_reso or max(step, (resolution // 2) // step * step)
+        return cls(resolution, low, max_reso or resolution * 2, step)
+
+    @classmethod
     def from_config(cls, cfg) -> "BucketSpec":
-        step = cfg.bucket_reso_steps
-        low = cfg.min_bucket_reso or max(step, (cfg.resolution // 2) // step * step)
-        high = cfg.max_bucket_reso or cfg.resolution * 2
-        return cls(cfg.resolution, low, high, step)
+        return cls.for_resolution(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso,
+                                  cfg.max_bucket_reso)
 
 
 def make_buckets(spec: BucketSpec) -> list[tuple[int, int]]:
@@ -48,6 +53,16 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tu
     ties go to the larger area."""
     aspect = math.log(width / height)
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+@functools.lru_cache(maxsize=32)
+def default_buckets(resolution: int) -> tuple[tuple[int, int], ...]:
+    return tuple(make_buckets(BucketSpec.for_resolution(resolution)))
+
+
+def bucket_for(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The bucket an image trains in with the default bucket settings (used by check-data)."""
+    return assign_bucket(width, height, list(default_buckets(resolution)))
 
 
 def upscale_factor(width: int, height: int, bucket: tuple[int, int]) -> float:

@@ -20,7 +20,7 @@ import numpy as np
 from ..data.captions import top_tags
 from ..data.discovery import REPEAT_FOLDER_PATTERN, discover
 from ..data.images import SUPPORTED_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, UnreadableImage, load_rgb
-from .buckets import bucket_for
+from ..data.buckets import bucket_for
 from .checks import CAPTION_TOKEN_WINDOW, CheckOptions, record_findings
 from .findings import ERROR, INFO, WARNING, Finding, by_severity
 from .imagestats import ImageStats, analyse_image
