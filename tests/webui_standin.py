@@ -244,3 +244,57 @@ class StateStandIn(types.SimpleNamespace):
 def processing_standin():
     cls = type("StableDiffusionProcessing", (), {"cached_c": ["stale", "c"], "cached_uc": ["stale", "uc"]})
     return types.SimpleNamespace(StableDiffusionProcessing=cls)
+
+
+# ---- modules.processing's txt2img ------------------------------------------------------------------------
+
+
+def processing_with_txt2img(sd_model, networks, lora_dir):
+    """`processing_standin()` plus StableDiffusionProcessingTxt2Img / process_images: parses
+    `<lora:name:w>`, merges those files from `lora_dir` the way the Lora extension does (restoring
+    the previous merge first), renders one deterministic image from the model (noise from the
+    global RNG seeded with p.seed, like the WebUI's CPU noise source) and records what it saw."""
+    import re
+
+    from PIL import Image
+
+    mod = processing_standin()
+    mod.seen = []
+    tag = re.compile(r"<lora:([^:>]+):([-\d.]+)>")
+
+    class StableDiffusionProcessingTxt2Img:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    def process_images(p):
+        from lora_trainer.lora import host
+
+        with torch.no_grad():
+            for module in sd_model.network_layer_mapping.values():
+                if getattr(module, "network_current_names", ()):
+                    networks.network_restore_weights_from_backup(module)
+                    module.network_current_names = ()
+            networks.loaded_networks.clear()
+            mod.seen.append({"prompt": p.prompt, "grad": torch.is_grad_enabled(),
+                             "adapters": sum(host.has_adapters(m) for m in sd_model.modules()),
+                             "training": any(m.training for m in sd_model.modules()),
+                             "args": {k: v for k, v in p.__dict__.items() if k != "sd_model"}, "p": p})
+            for name, weight in tag.findall(p.prompt):
+                networks.merge_file(Path(lora_dir) / f"{name}.safetensors", float(weight))
+            text = tag.sub("", p.prompt).strip()
+            cond = sd_model.get_learned_conditioning([text])
+            torch.manual_seed(p.seed)
+            noise = torch.randn(1, 4, p.height // 8, p.width // 8)
+            eps = sd_model.apply_model(noise, torch.tensor([500]), cond)
+            pixels = sd_model.decode_first_stage(noise - 0.5 * eps)[0]
+            array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return types.SimpleNamespace(images=[Image.fromarray(array)],
+                                     infotexts=[f"{p.prompt}\nSteps: {p.steps}, Seed: {p.seed}"])
+
+    mod.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+    mod.process_images = process_images
+    return mod

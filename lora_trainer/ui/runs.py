@@ -76,9 +76,22 @@ def table(runs: list[RunInfo]) -> list[list]:
     return [r.row() for r in runs]
 
 
-def resume_config(run_dir):
+def resume_config(run_dir, required: Optional[Iterable[str]] = None):
     """The config a run was started with, set to resume (a `resume: false` run would otherwise be
-    moved aside and started again). Raises ConfigError with every problem."""
+    moved aside and started again). Raises ConfigError with every problem. `required`: the keys
+    that must be set (default: the config's own; the WebUI drops base_model, it trains on the
+    loaded model)."""
     path = Path(run_dir) / EFFECTIVE_CONFIG_NAME
-    cfg = load_config(path)
+    if required is None:
+        cfg = load_config(path)
+    else:
+        import yaml
+
+        from ..config import ConfigError, config_from_dict
+
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(str(path), [("", f"cannot read the run's config: {error}")]) from None
+        cfg = config_from_dict(raw, base_dir=path.absolute().parent, source=str(path), required=required)
     return dataclasses.replace(cfg, resume=True) if not cfg.resume else cfg

@@ -54,6 +54,8 @@ class TabSettings:
     runs_folder: Optional[Path] = None
     # raw form dict -> TrainConfig (raises ConfigError); default: config_from_dict
     config_builder: Optional[Callable[[dict], Any]] = None
+    # (task id, config JSON) -> (result JSON, HTML) for the hidden API button (WebUI mode)
+    json_handler_factory: Optional[Callable[[], Callable]] = None
 
 
 def _webui_settings(base_dir: Optional[Path]) -> tuple[TabSettings, Optional[Callable]]:
@@ -72,14 +74,21 @@ def _webui_settings(base_dir: Optional[Path]) -> tuple[TabSettings, Optional[Cal
         return job.build_webui_config(raw, WebuiEnv.current(with_model=False))
 
     def train_in_webui(cfg, control, observers, force_resume=False):
-        from modules import call_queue  # the WebUI's FIFO lock around all GPU work
+        from modules import call_queue, shared  # the WebUI's FIFO lock around all GPU work
         with call_queue.queue_lock:
-            return job.train_on_loaded_model(cfg, control=control, observers=observers,
-                                             force_resume=force_resume)
+            # as wrap_gradio_gpu_call does: a fresh job state, so an Interrupt left over from an
+            # earlier generation neither stops this run at once nor empties its previews
+            shared.state.begin(job="train-lora")
+            try:
+                return job.train_on_loaded_model(cfg, control=control, observers=observers,
+                                                 force_resume=force_resume)
+            finally:
+                shared.state.end()
 
     folder = Path(base_dir or paths.extension_dir())
     settings = TabSettings(mode="webui", base_dir=folder, required=("train_data_dir",),
-                           runs_folder=folder / "runs", config_builder=build_config)
+                           runs_folder=folder / "runs", config_builder=build_config,
+                           json_handler_factory=job.make_json_train_handler)
     return settings, train_in_webui
 
 
@@ -226,10 +235,31 @@ class _TabBuilder:
         poll_outputs = [self.progress, self.plot, self.gallery, self.log_box, self.lora_path_box,
                         self.tag_box, self.runs_table, self.runs_choice, self.message]
         compat.poll(blocks, POLL_SECONDS, self.poll_step, [self.runs_folder, self.runs_choice], poll_outputs)
+        self._wire_json_api(gr)
         if self.settings.mode == "standalone":
             js = read_asset(JS_FILE)
             if js:
                 compat.on_load(blocks, None, js="() => {\n" + js + "\n}")
+
+    def _wire_json_api(self, gr) -> None:
+        """WebUI mode: a hidden button with api_name="lora_trainer_train_json", inputs (task id,
+        config JSON), outputs (result JSON, HTML); scripts train through POST /run/<api_name>."""
+        factory = self.settings.json_handler_factory
+        if factory is None:
+            return
+        try:
+            handler = factory()      # needs the WebUI's modules.call_queue
+        except ImportError as error:
+            log.info("No JSON training API (not inside the WebUI: %s)", error)
+            return
+        with compat.make(gr.Row, visible=False, elem_id="lora_trainer_api_row"):
+            task = compat.make(gr.Textbox, visible=False, elem_id="lora_trainer_api_task")
+            config = compat.make(gr.Textbox, visible=False, elem_id="lora_trainer_api_config")
+            result = compat.make(gr.Textbox, visible=False, elem_id="lora_trainer_api_result")
+            status = compat.make(gr.HTML, visible=False, elem_id="lora_trainer_api_status")
+            button = compat.make(gr.Button, visible=False, elem_id="lora_trainer_btn_api_train")
+        button.click(fn=handler, inputs=[task, config], outputs=[result, status],
+                     api_name="lora_trainer_train_json")
 
     # ---- helpers ------------------------------------------------------------------------------
     def _config(self, values):
@@ -375,7 +405,7 @@ class _TabBuilder:
             return [*unchanged, views.message_html("Pick a run in the runs list first (Refresh runs).",
                                                    "warn")]
         try:
-            cfg = runs.resume_config(run_dir)
+            cfg = runs.resume_config(run_dir, required=self.settings.required)
         except ConfigError as error:
             return [*unchanged, views.problems_html(error, f"Cannot resume {run_dir}:")]
         started, text = self.worker.start(cfg)

@@ -69,6 +69,32 @@ def check_can_train(env: WebuiEnv) -> None:
                           "switch FP8 off to train.")
 
 
+def check_resume_model(cfg, backbone: WebuiBackbone) -> None:
+    """A run that resumes must continue on the model it was trained on: the same checkpoint file
+    (fingerprint), VAE and CLIP skip, which survive a WebUI restart. Refuses with what to load."""
+    if not cfg.resume:
+        return
+    from ..storage.checkpoints import STATE_NAME, CheckpointStore
+
+    info, _ = CheckpointStore(Path(cfg.run_dir)).latest_valid()
+    if info is None:
+        return
+    try:
+        trained = json.loads((Path(info.path) / STATE_NAME).read_text(encoding="utf-8")).get("base_model") or {}
+    except (OSError, ValueError, AttributeError):
+        return      # the trainer's own resume check reports a broken checkpoint
+    loaded = backbone.identity()
+    if trained.get("hash") and trained.get("hash") != loaded.get("hash"):
+        def label(identity):
+            return identity.get("title") or Path(str(identity.get("source") or "?")).name
+        raise CannotTrain(
+            f"The run '{Path(cfg.run_dir).name}' was trained on {label(trained)} (fingerprint "
+            f"{trained.get('hash')}), but the WebUI has {label(loaded)} loaded (fingerprint "
+            f"{loaded.get('hash')}; the VAE and CLIP skip count too). Load the run's checkpoint "
+            "in the checkpoint dropdown and resume again, or start a new run (Resume off or "
+            "another output name).")
+
+
 def prepare_config(cfg, env: WebuiEnv, backbone: WebuiBackbone):
     """What the WebUI decides for a job: outputs outside the Lora scan, precision of the loaded model."""
     check_run_dir(cfg.run_dir, env)
@@ -97,6 +123,18 @@ def build_webui_config(values: dict, env: WebuiEnv):
             merged["base_model"] = filename
     return config_from_dict(merged, base_dir=extension_dir(), source="<webui>",
                             required=("train_data_dir",))
+
+
+def webui_previewer(cfg, env: WebuiEnv):
+    """Previews through the WebUI's own txt2img (process_images), when there are preview prompts
+    and the WebUI's processing module is at hand; None otherwise (run_training then uses the
+    project's own previewer on the WebUI backbone, if prompts are set)."""
+    processing = env.processing
+    if not cfg.preview_prompts or not hasattr(processing, "process_images") \
+            or not hasattr(processing, "StableDiffusionProcessingTxt2Img"):
+        return None
+    from .preview import WebuiPreviewer
+    return WebuiPreviewer(cfg, env)
 
 
 # ---- the job --------------------------------------------------------------------------------------------
@@ -166,7 +204,10 @@ def train_on_loaded_model(cfg, *, env: WebuiEnv | None = None, control: Training
         try:
             with ModelGuard(model) as guard, torch.inference_mode(False), torch.enable_grad():
                 backbone = WebuiBackbone(model, env=env, resolution=cfg.resolution)
+                check_resume_model(cfg, backbone)
                 cfg = prepare_config(cfg, env, backbone)
+                if previewer is None:
+                    previewer = webui_previewer(cfg, env)
                 try:
                     result = run_training(cfg, backbone, control, [*progress, refresher, *observers],
                                           previewer, force_resume)
@@ -232,12 +273,15 @@ def make_train_handler(build_config, format_result=result_outputs, extra_outputs
 
 
 def train_from_json(config_json: str, env: WebuiEnv | None = None):
-    """A job from a JSON object of TrainConfig keys (what the hidden API endpoint receives)."""
+    """A job from a JSON object of TrainConfig keys (what the hidden API endpoint receives), plus
+    `"force_resume": true` to continue a run whose forced-resume settings changed (the CLI's
+    --force-resume)."""
     env = env or WebuiEnv.current()
     values = json.loads(config_json) if config_json.strip() else {}
     if not isinstance(values, dict):
         raise CannotTrain("the config must be a JSON object of TrainConfig keys")
-    return train_on_loaded_model(build_webui_config(values, env), env=env)
+    force_resume = bool(values.pop("force_resume", False))   # not a TrainConfig key: --force-resume
+    return train_on_loaded_model(build_webui_config(values, env), env=env, force_resume=force_resume)
 
 
 def make_json_train_handler():

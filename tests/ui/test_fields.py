@@ -180,6 +180,63 @@ def test_webui_mode_builds_with_the_webui_defaults(tmp_path):
     assert by_id["lora_trainer_preview_steps"].value == 12
 
 
+def _dependency_fn(blocks, api_name: str):
+    """(config dependency, python function) of the event registered with `api_name`."""
+    deps = blocks.get_config_file()["dependencies"]
+    index = next(i for i, d in enumerate(deps) if d.get("api_name") == api_name)
+    fns = blocks.fns if isinstance(blocks.fns, list) else list(blocks.fns.values())
+    return deps[index], fns[index].fn
+
+
+def test_webui_mode_exposes_the_json_training_api(tmp_path, monkeypatch):
+    """A hidden button with api_name="lora_trainer_train_json" running job.make_json_train_handler
+    (wrapped in the WebUI's wrap_gradio_gpu_call); not in the standalone app or outside the WebUI."""
+    import json
+    import sys
+    import types
+
+    from lora_trainer.webui import job
+
+    wrapped = []
+    call_queue = types.ModuleType("modules.call_queue")
+
+    def wrap_gradio_gpu_call(fn, extra_outputs=None):
+        wrapped.append(extra_outputs)
+        return fn
+
+    call_queue.wrap_gradio_gpu_call = wrap_gradio_gpu_call
+    modules = types.ModuleType("modules")
+    modules.call_queue = call_queue
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.call_queue", call_queue)
+    result = types.SimpleNamespace(status="finished", step=3, total_steps=3, lora_path=tmp_path / "a.safetensors",
+                                   run_dir=tmp_path / "runs" / "a", message="Finished <3> steps")
+    seen = []
+    monkeypatch.setattr(job, "train_from_json", lambda text: seen.append(json.loads(text)) or result)
+
+    blocks = build_tab(mode="webui", worker=TrainingWorker(trainer=lambda *a, **k: None), base_dir=tmp_path)
+    dep, fn = _dependency_fn(blocks, "lora_trainer_train_json")
+    assert len(dep["inputs"]) == 2 and len(dep["outputs"]) == 2 and wrapped == [[""]]
+    by_id = {b._id: b for b in _all_blocks(blocks)}
+    assert [type(by_id[i]).__name__ for i in dep["outputs"]] == ["Textbox", "HTML"]
+    assert not any(getattr(by_id[i], "visible", True) for i in [*dep["inputs"], *dep["outputs"]])
+    payload, status_html = fn("task(1)", json.dumps({"train_data_dir": "x"}))
+    assert seen == [{"train_data_dir": "x"}]
+    assert json.loads(payload) == {"status": "finished", "step": 3, "total_steps": 3,
+                                   "lora_path": str(result.lora_path), "run_dir": str(result.run_dir),
+                                   "message": "Finished <3> steps"}
+    assert status_html == "<p>Finished &lt;3&gt; steps</p>"
+
+    standalone = build_tab(mode="standalone", worker=TrainingWorker(trainer=lambda *a, **k: None))
+    assert not any(d.get("api_name") == "lora_trainer_train_json"
+                   for d in standalone.get_config_file()["dependencies"])
+    monkeypatch.setitem(sys.modules, "modules", None)           # outside the WebUI: no endpoint
+    monkeypatch.setitem(sys.modules, "modules.call_queue", None)
+    plain = build_tab(mode="webui", worker=TrainingWorker(trainer=lambda *a, **k: None), base_dir=tmp_path)
+    assert not any(d.get("api_name") == "lora_trainer_train_json"
+                   for d in plain.get_config_file()["dependencies"])
+
+
 def test_worker_runs_one_training_at_a_time(tmp_path, paths):
     import threading
 

@@ -40,33 +40,48 @@ def webui(tmp_path_factory):
     install = subprocess.run([python, str(extension / "install.py")], cwd=root, capture_output=True,
                              text=True, env={**env, "PYTHONPATH": str(root)}, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
+    server = start_webui(root, python, data, data / "webui.log", env)
+    try:
+        yield {"url": server["url"], "data": data, "extension": extension, "log": server["log_path"],
+               "dataset": write_dataset(data / "dataset", count=6, size=64),
+               "root": root, "python": python, "env": env}
+    finally:
+        stop_webui(server)
+
+
+def start_webui(root: Path, python: str, data: Path, log_path: Path, env: dict) -> dict:
+    """A WebUI server on a free port over `data` (--data-dir), up and answering; a second one over
+    the same folder is what a restart sees."""
     port = _free_port()
-    log_path = data / "webui.log"
     log = open(log_path, "w")
     process = subprocess.Popen(
         [python, "launch.py", "--data-dir", str(data), "--use-cpu", "all", "--no-half", "--precision",
          "full", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
          "--skip-version-check", "--no-download-sd-model", "--api", "--port", str(port)],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = {"process": process, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}"}
     deadline = time.time() + float(os.environ.get("LORA_TRAINER_WEBUI_TIMEOUT", "300"))
     try:
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"the WebUI exited ({process.returncode}):\n{log_path.read_text()[-5000:]}")
             try:
-                http("GET", url + "/sdapi/v1/sd-models", timeout=5)
-                break
+                http("GET", server["url"] + "/sdapi/v1/sd-models", timeout=5)
+                return server
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 if time.time() > deadline:
                     raise RuntimeError(f"the WebUI did not come up:\n{log_path.read_text()[-5000:]}")
                 time.sleep(1)
-        yield {"url": url, "data": data, "extension": extension, "log": log_path,
-               "dataset": write_dataset(data / "dataset", count=6, size=64)}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    except BaseException:
+        stop_webui(server)
+        raise
+
+
+def stop_webui(server: dict) -> None:
+    process = server["process"]
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    server["log"].close()

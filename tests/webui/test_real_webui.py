@@ -149,8 +149,9 @@ def train_through_gradio(webui, api_name: str, output_name: str, **values):
 
 
 def test_gradio_handler_holds_the_lock_and_drives_the_progress_bar(webui):
-    """job.make_json_train_handler on a hidden button of the test harness; with the project's own
-    previews (rendered through the WebUI backbone, not process_images) and the Lora card files."""
+    """job.make_json_train_handler on a hidden button of the test harness; with previews (rendered
+    through the WebUI's process_images, see test_previews_are_what_txt2img_produces) and the Lora
+    card files."""
     before = model_state(webui)
     payload = train_through_gradio(webui, "lora_trainer_test_train_json", "webui_handler_lora",
                                    preview_prompts=[f"{PROMPT} <lora:webui_handler_lora:0.7>"],
@@ -165,3 +166,44 @@ def test_train_through_the_tab_api_with_progress(webui):
         pytest.skip("the Train LoRA tab does not expose api_name='lora_trainer_train_json' yet "
                     "(lora_trainer.ui.tab wires job.make_json_train_handler to a hidden button)")
     train_through_gradio(webui, "lora_trainer_train_json", "webui_api_lora")
+
+
+def test_previews_are_what_txt2img_produces(webui):
+    """Previews through the WebUI's own process_images: the saved LoRA applied by the Lora
+    extension, so a preview is pixel for pixel what txt2img gives for the same prompt and settings;
+    the model is clean afterwards and training is unaffected by previewing."""
+    before = model_state(webui)
+    name = "webui_preview_lora"
+    prompts = [PROMPT, f"{PROMPT} <lora:{{name}}:0.7>"]
+    settings = dict(preview_every_n_steps=5, preview_steps=4, preview_width=64, preview_height=64,
+                    preview_seed=1, preview_sampler="euler", preview_cfg_scale=7,
+                    preview_negative_prompt="")
+    result = train(webui, output_name=name, preview_prompts=prompts, **settings)
+    assert result["status"] == "finished", result
+    assert model_state(webui) == before
+    folder = Path(result["run_dir"]) / "previews"
+    assert (folder / "000005" / "1.png").exists()
+    final = [np.asarray(Image.open(folder / "000010" / f"{n}.png").convert("RGB"), dtype=np.int16)
+             for n in (0, 1)]
+    print(f"preview with LoRA vs base: max {np.abs(final[1] - final[0]).max()}")
+    assert np.abs(final[1] - final[0]).max() > 0, "the preview does not show the LoRA"
+    assert np.array_equal(final[0], txt2img(webui, PROMPT))
+    assert np.array_equal(final[1], txt2img(webui, f"{PROMPT} <lora:{name}:0.7>"))
+    step5 = np.asarray(Image.open(folder / "000005" / "1.png").convert("RGB"), dtype=np.int16)
+    assert not np.array_equal(step5, final[1])      # not a stale merge or cached conditioning
+    # the same run without previews trains the same file
+    plain = train(webui, output_name=name + "_plain")
+    from lora_trainer.lora.kohya_file import read_lora_file
+    a, b = read_lora_file(result["lora_path"])[0], read_lora_file(plain["lora_path"])[0]
+    assert set(a) == set(b) and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert model_state(webui) == before
+
+
+def test_tab_worker_trains_after_an_interrupted_generation(webui):
+    """The tab's Start/Resume path (its worker's trainer, which takes the queue lock itself) begins
+    a fresh WebUI job state: an Interrupt left over from a generation does not stop it at once."""
+    result = http("POST", webui["url"] + "/lora_trainer_test/tab_worker_train",
+                  {"train_data_dir": str(webui["dataset"]), "output_name": "webui_tab_worker_lora",
+                   "resolution": 64, "lora_rank": 4, "max_train_steps": 5, "save_steps": 0,
+                   "resume": False, "preview_prompts": [], "write_card": False})
+    assert result["status"] == "finished" and result["step"] == 5, result

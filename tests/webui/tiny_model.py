@@ -39,10 +39,10 @@ def ldm_config(clip_folder: Path) -> dict:
     }}
 
 
-def write_tiny_webui_model(models_dir: Path, name: str = "tiny-sd1") -> Path:
+def write_tiny_webui_model(models_dir: Path, name: str = "tiny-sd1", seed: int = 0) -> Path:
     """Write models/Stable-diffusion/<name>.safetensors + .yaml and models/tiny-clip/; returns the
-    checkpoint path."""
-    components = tiny.build_tiny_sd1(seed=0)
+    checkpoint path. Another seed is another model (other weights, other fingerprint)."""
+    components = tiny.build_tiny_sd1(seed=seed)
     sd_dir = Path(models_dir) / "Stable-diffusion"
     sd_dir.mkdir(parents=True, exist_ok=True)
     clip_folder = Path(models_dir) / "tiny-clip"

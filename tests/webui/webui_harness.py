@@ -54,6 +54,19 @@ def app_started(_demo, app):
                 "lora_path": str(result.lora_path), "run_dir": str(result.run_dir),
                 "last_checkpoint": str(result.last_checkpoint), "message": result.message}
 
+    @app.post("/lora_trainer_test/tab_worker_train")
+    def tab_worker_train(payload: dict = Body(...)):
+        # the tab's own trainer (Start / Resume through its worker), after an Interrupt that an
+        # earlier generation left set; it takes the queue lock itself
+        from lora_trainer.training.control import TrainingControl
+        from lora_trainer.ui.tab import _webui_settings
+
+        settings, trainer = _webui_settings(None)
+        cfg = settings.config_builder(payload)
+        shared.state.interrupted = True
+        result = trainer(cfg, TrainingControl(), [])
+        return {"status": result.status, "step": result.step, "lora_path": str(result.lora_path)}
+
     @app.get("/lora_trainer_test/matched/{name}")
     def matched(name: str):
         # the WebUI's own loader on the file: how many of its layers find a module of the model
