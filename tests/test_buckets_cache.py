@@ -147,3 +147,23 @@ def test_upscaled_images_are_named_in_a_warning(tmp_path, make_config, caplog):
 def _has_check_data() -> bool:
     from lora_trainer.config.schema import TrainConfig
     return "check_data" in TrainConfig.__dataclass_fields__
+
+
+def test_shuffled_captions_are_not_kept_in_memory(make_config, caplog):
+    from lora_trainer.training import samples
+
+    kept = []
+    original = samples.SampleSource.conditioning
+
+    def spy(self, captions, sizes):
+        out = original(self, captions, sizes)
+        kept.append(len(self._conds))
+        return out
+    samples.SampleSource.conditioning = spy
+    try:
+        with caplog.at_level("INFO", logger="lora_trainer"):
+            result = train_from_config(load_config(make_config(epochs=2, shuffle_caption=True, keep_tokens=1)))
+    finally:
+        samples.SampleSource.conditioning = original
+    assert result.status == "finished" and kept and max(kept) == 0
+    assert "shuffle_caption is on" in caplog.text

@@ -48,7 +48,8 @@ class SampleSource:
         if not self.cache_text:
             notes.append("train_text_encoder is on: captions are encoded every step (no text cache)")
         elif self.cfg.shuffle_caption:
-            notes.append("shuffle_caption is on: caption embeddings are cached in memory only")
+            notes.append("shuffle_caption is on: captions are encoded every step (every shuffle is a new "
+                         "caption, so a cache would only grow)")
         if self.latent_disk:
             notes.append(f"latent cache: {self.latent_disk.folder}")
         return notes
@@ -126,12 +127,16 @@ class SampleSource:
     def conditioning(self, captions: list[str], sizes: list[dict]) -> dict:
         if not self.cache_text:
             return self.backbone.encode_text(captions, sizes)
-        keys = [self._text_key(c, s) for c, s in zip(captions, sizes)]
-        for key, caption, size in zip(keys, captions, sizes):
-            if key not in self._conds:
-                self._conds[key] = self._encode_one(caption, size)
+        if self.cfg.shuffle_caption:   # memory would grow with every new shuffle: do not keep them
+            conds = [self._encode_one(c, s) for c, s in zip(captions, sizes)]
+        else:
+            keys = [self._text_key(c, s) for c, s in zip(captions, sizes)]
+            for key, caption, size in zip(keys, captions, sizes):
+                if key not in self._conds:
+                    self._conds[key] = self._encode_one(caption, size)
+            conds = [self._conds[key] for key in keys]
         device = self.backbone.device
-        return {k: torch.stack([self._conds[key][k] for key in keys]).to(device) for k in self._conds[keys[0]]}
+        return {k: torch.stack([c[k] for c in conds]).to(device) for k in conds[0]}
 
     # ---- one micro-batch ----------------------------------------------------------------------------
     def batch(self, epoch: int, items: list[tuple[int, int]]):
