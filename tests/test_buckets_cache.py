@@ -167,3 +167,4 @@ def test_shuffled_captions_are_not_kept_in_memory(make_config, caplog):
         samples.SampleSource.conditioning = original
     assert result.status == "finished" and kept and max(kept) == 0
     assert "shuffle_caption is on" in caplog.text
+    assert "Base model: SD1" in caplog.text   # the detected family is said

@@ -347,3 +347,24 @@ def test_models_are_found_in_local_caches_only(tmp_path):
     assert found.architecture == "ViT-B-32" and found.quick_gelu and found.preprocess["mean"][0] < 0.5
     (cache / "ViT-L-14.safetensors").write_text("")
     assert resolve_model(model_name="ViT-L-14", cache_dir=cache).weights == cache / "ViT-L-14.safetensors"
+
+
+def test_the_tab_auto_labels_with_the_forms_trigger_word(tiny_clip, one_torch_thread, tmp_path):
+    pytest.importorskip("gradio")   # installed by .ci/bootstrap; the tab needs it
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.ui import fields
+    from lora_trainer.ui.tab import TabSettings, _TabBuilder
+    from lora_trainer.ui.worker import TrainingWorker
+
+    data = write_unlabeled_set(tmp_path / "data")
+    builder = _TabBuilder(TabSettings(base_dir=tmp_path), TrainingWorker(trainer=lambda *a, **k: None), None)
+    builder.build()
+    cfg = config_from_dict({"train_data_dir": str(data), "trigger_word": "tabtrig"}, base_dir=tmp_path,
+                           required=("train_data_dir",))
+    message = builder.on_auto_label(str(tiny_clip["weights"]), str(tiny_clip["config"]), False,
+                                    *fields.config_to_values(cfg))
+    assert "Labeled 3 image(s)" in message and "kept 2" in message
+    captions = {r.rel_path: r.caption for r in discover(data).records}
+    assert all(captions[name].startswith("tabtrig, ") for name in ("c.png", "d.png", "e.png"))
+    missing = builder.on_auto_label(str(tmp_path / "nothing-here"), "", False, *fields.config_to_values(cfg))
+    assert "Auto-label failed" in missing

@@ -126,25 +126,18 @@ def _register_label(subparsers) -> None:
 
 def cmd_label(args) -> int:
     from ..data.discovery import DataError
-    from .clip_model import ModelNotFound, load_clip, resolve_model
-    from .label import LabelOptions, ZeroShotTagger, label_folder
-    from .vocabulary import load_vocabulary
+    from .clip_model import ModelNotFound
+    from .label import LabelOptions, auto_label
 
     if not Path(args.folder).is_dir():
         print(f"error: '{args.folder}' is not a folder", file=sys.stderr)
         return 2
-    try:
-        vocabulary = load_vocabulary(args.vocab)  # before the model: a typo should fail fast
-        clip = load_clip(resolve_model(args.model_path, args.model, args.cache_dir), args.device)
-    except (ModelNotFound, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     options = LabelOptions(trigger=args.trigger, batch_size=args.batch_size, write=args.write,
                            overwrite=args.overwrite, progress=not args.quiet)
-    tagger = ZeroShotTagger(clip, vocabulary, args.top_k, args.threshold)
     try:
-        result = label_folder(args.folder, tagger, options)
-    except DataError as exc:
+        result = auto_label(args.folder, options, args.model_path, args.model, args.cache_dir, args.device,
+                            args.vocab, args.top_k, args.threshold)
+    except (ModelNotFound, ValueError, OSError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _print_label_result(result)

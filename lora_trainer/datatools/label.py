@@ -208,3 +208,16 @@ class ZeroShotTagger:
         embeddings = torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
         per_tag = embeddings.view(len(tags), len(PROMPT_TEMPLATES), -1).mean(dim=1)
         return torch.nn.functional.normalize(per_tag, dim=-1)
+
+
+def auto_label(folder, options: LabelOptions, model_path=None, model_name: Optional[str] = None,
+               cache_dir=None, device: str = "auto", vocab_files: Sequence[str] = (), top_k: int = 2,
+               threshold: float = 0.1) -> LabelResult:
+    """The seed's auto_label: a local open_clip model ranks each image against the tag vocabularies.
+    Raises clip_model.ModelNotFound (with how to provide a model), ValueError or DataError."""
+    from .clip_model import load_clip, resolve_model
+    from .vocabulary import load_vocabulary
+
+    vocabulary = load_vocabulary(list(vocab_files))  # before the model: a typo should fail fast
+    clip = load_clip(resolve_model(model_path, model_name, cache_dir), device)
+    return label_folder(folder, ZeroShotTagger(clip, vocabulary, top_k, threshold), options)

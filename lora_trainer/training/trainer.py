@@ -338,6 +338,9 @@ class Trainer:
         return self.dist.any(self.control.stop.is_set(), self.backbone.device) and not finished
 
     def _describe_data(self) -> None:
+        detected = getattr(self.backbone, "detected", "")
+        if detected:  # which family/variant the checkpoint was recognised as, and why
+            self.say(f"Base model: {detected}")
         self.say(f"Buckets (width x height: samples): {self.buckets.describe(self.index)}")
         upscaled = self.buckets.upscaled(self.index, self.cfg.max_upscale_factor)
         if upscaled:

@@ -192,6 +192,18 @@ class _TabBuilder:
                                         scale=0, min_width=90)
         self.log_box = compat.make(gr.Textbox, value="", label="Training log", lines=10, max_lines=10,
                                    interactive=False, elem_id="lora_trainer_log")
+        with gr.Accordion("Auto-label (CLIP)", open=False, elem_id="lora_trainer_label_group"):
+            with gr.Row():
+                self.label_model_path = compat.make(
+                    gr.Textbox, label="CLIP model (local folder or .safetensors)", lines=1, max_lines=1,
+                    scale=3, elem_id="lora_trainer_label_model_path")
+                self.label_model_name = compat.make(
+                    gr.Textbox, label="CLIP architecture (for a bare .safetensors)", lines=1, max_lines=1,
+                    scale=2, elem_id="lora_trainer_label_model_name")
+            self.label_overwrite = compat.make(gr.Checkbox, value=False, label="Replace existing captions",
+                                               elem_id="lora_trainer_label_overwrite")
+            self.label_btn = compat.make(gr.Button, value="Auto-label the dataset",
+                                         elem_id="lora_trainer_btn_auto_label")
         with gr.Accordion("Runs", open=True, elem_id="lora_trainer_runs_group"):
             with gr.Row():
                 self.runs_folder = compat.make(
@@ -225,6 +237,9 @@ class _TabBuilder:
         self.save_now_btn.click(self.on_save_now, None, [self.message], **quiet)
         self.preview_now_btn.click(self.on_preview_now, None, [self.message], **quiet)
         self.check_btn.click(self.on_check_data, inputs, [self.message])
+        self.label_btn.click(self.on_auto_label,
+                             [self.label_model_path, self.label_model_name, self.label_overwrite, *inputs],
+                             [self.message])
         self.load_btn.click(self.on_load_preset, [self.preset_path], [*inputs, self.message], **quiet)
         self.save_btn.click(self.on_save_preset, [self.preset_path, *inputs], [self.message], **quiet)
         self.refresh_btn.click(self.on_refresh_runs, [self.runs_folder, self.runs_choice],
@@ -356,6 +371,30 @@ class _TabBuilder:
             log.warning("Data check failed: %s", error, exc_info=True)
             return views.message_html(f"Data check failed: {error}", "error")
         return views.findings_html(result)
+
+    def on_auto_label(self, model_path, model_name, overwrite, *values):
+        """Caption the dataset folder into metadata.csv with a local CLIP model (never a download);
+        the trigger word comes from the form."""
+        try:
+            label = importlib.import_module("lora_trainer.datatools.label")
+        except ImportError as error:
+            return views.message_html(f"Auto-label needs open_clip ({error}).", "warn")
+        raw = self.form.to_dict(values)
+        try:
+            cfg = config_from_dict({k: raw[k] for k in ("train_data_dir", "trigger_word") if k in raw},
+                                   base_dir=self.settings.base_dir, source="the form",
+                                   required=("train_data_dir",))
+            options = label.LabelOptions(trigger=cfg.trigger_word, overwrite=bool(overwrite), progress=False)
+            result = label.auto_label(cfg.train_data_dir, options, (model_path or "").strip() or None,
+                                      (model_name or "").strip() or None)
+        except ConfigError as error:
+            return views.problems_html(error)
+        except Exception as error:  # noqa: BLE001 - ModelNotFound says how to provide a model
+            log.warning("Auto-label failed: %s", error, exc_info=True)
+            return views.message_html(f"Auto-label failed: {error}", "error")
+        kept = f"; kept {len(result.kept)} existing caption(s)" if result.kept else ""
+        return views.message_html(f"Labeled {len(result.labeled)} image(s){kept}. Written: "
+                                  + (", ".join(result.written) or "nothing"), "info")
 
     def _preset_file(self, path: str) -> Optional[Path]:
         if not path or not path.strip():
