@@ -28,8 +28,8 @@ from lora_trainer.webui.env import WebuiEnv, lora_extension_module
 from lora_trainer.webui.progress import WebuiProgress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from webui_standin import (StandInSD1, StateStandIn, make_networks_standin,  # noqa: E402
-                           processing_standin)
+from webui_standin import (StandInSD1, StateStandIn,  # noqa: E402
+                           standin_env)
 
 
 @pytest.fixture
@@ -39,13 +39,7 @@ def standin(tiny_sd1):
 
 @pytest.fixture
 def env(standin, tmp_path):
-    lora_dir = tmp_path / "models" / "Lora"
-    lora_dir.mkdir(parents=True)
-    return WebuiEnv(sd_model=standin, state=StateStandIn(), networks=make_networks_standin(standin),
-                    processing=processing_standin(),
-                    cmd_opts=types.SimpleNamespace(lowvram=False, medvram=False, lora_dir=str(lora_dir)),
-                    opts=types.SimpleNamespace(CLIP_stop_at_last_layers=1),
-                    models_path=str(tmp_path / "models"))
+    return standin_env(standin, tmp_path / "models" / "Lora")
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -17,12 +17,11 @@ from lora_trainer.config import load_config
 from lora_trainer.lora import host
 from lora_trainer.lora.kohya_file import read_lora_file
 from lora_trainer.webui import job
-from lora_trainer.webui.env import WebuiEnv
 from lora_trainer.webui.preview import WebuiPreviewer, webui_sampler_name
 
 sys.path.insert(0, str(Path(__file__).parent))
-from webui_standin import (StandInSD1, StateStandIn, make_networks_standin,  # noqa: E402
-                           processing_with_txt2img)
+from webui_standin import (StandInSD1, make_networks_standin, processing_with_txt2img,  # noqa: E402
+                           standin_env)
 
 PROMPTS = ["lt_demo, a red circle", "lt_demo, a red circle <lora:{name}:1>"]
 
@@ -35,13 +34,8 @@ def standin(tiny_sd1):
 @pytest.fixture
 def env(standin, tmp_path):
     lora_dir = tmp_path / "models" / "Lora"
-    lora_dir.mkdir(parents=True)
     networks = make_networks_standin(standin)
-    return WebuiEnv(sd_model=standin, state=StateStandIn(), networks=networks,
-                    processing=processing_with_txt2img(standin, networks, lora_dir),
-                    cmd_opts=types.SimpleNamespace(lowvram=False, medvram=False, lora_dir=str(lora_dir)),
-                    opts=types.SimpleNamespace(CLIP_stop_at_last_layers=1),
-                    models_path=str(tmp_path / "models"))
+    return standin_env(standin, lora_dir, networks, processing_with_txt2img(standin, networks, lora_dir))
 
 
 def cfg_for(make_config, tmp_path, env, name, **values):

@@ -4,7 +4,6 @@ with a clear message when another model is loaded."""
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,12 @@ from lora_trainer.webui.backbone import WebuiBackbone
 from lora_trainer.webui.env import WebuiEnv
 
 sys.path.insert(0, str(Path(__file__).parent))
-from webui_standin import StandInSD1, StateStandIn, make_networks_standin, processing_standin  # noqa: E402
+from webui_standin import StandInSD1, standin_env  # noqa: E402
 
 
 def make_env(model, lora_dir: Path) -> WebuiEnv:
     """What the WebUI hands the job after a (re)start with `model` loaded."""
-    return WebuiEnv(sd_model=model, state=StateStandIn(), networks=make_networks_standin(model),
-                    processing=processing_standin(),
-                    cmd_opts=types.SimpleNamespace(lowvram=False, medvram=False, lora_dir=str(lora_dir)),
-                    opts=types.SimpleNamespace(CLIP_stop_at_last_layers=1),
-                    models_path=str(lora_dir.parent))
+    return standin_env(model, lora_dir)
 
 
 class InterruptAt(TrainingObserver):

@@ -298,3 +298,17 @@ def processing_with_txt2img(sd_model, networks, lora_dir):
     mod.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
     mod.process_images = process_images
     return mod
+
+
+def standin_env(model, lora_dir: Path, networks=None, processing=None):
+    """The WebuiEnv the WebUI would hand a job with `model` loaded and `lora_dir` as its Lora folder
+    (`models_path` is the folder above it)."""
+    from lora_trainer.webui.env import WebuiEnv
+
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    return WebuiEnv(sd_model=model, state=StateStandIn(),
+                    networks=networks if networks is not None else make_networks_standin(model),
+                    processing=processing if processing is not None else processing_standin(),
+                    cmd_opts=types.SimpleNamespace(lowvram=False, medvram=False, lora_dir=str(lora_dir)),
+                    opts=types.SimpleNamespace(CLIP_stop_at_last_layers=1),
+                    models_path=str(lora_dir.parent))

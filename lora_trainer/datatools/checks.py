@@ -142,12 +142,15 @@ def quick_check(index, cfg) -> List[Finding]:
 
 # ---- the training gate ----------------------------------------------------------------------------
 
-def check_before_training(index, cfg, log: Optional[logging.Logger] = None) -> List[Finding]:
-    """Run quick_check; log warnings (when `log` is given) and raise DataError on errors.
+def check_before_training(index, cfg, log: Optional[logging.Logger] = None,
+                          found: Optional[List[Finding]] = None) -> List[Finding]:
+    """Run quick_check (unless its `found` findings are passed in); log warnings (when `log` is
+    given) and raise DataError on errors.
 
     Returns the findings so a UI can show them.
     """
-    found = quick_check(index, cfg)
+    if found is None:
+        found = quick_check(index, cfg)
     if log is not None:
         for line in summarize(warnings(found)):
             log.warning("data check: %s", line)

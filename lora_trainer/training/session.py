@@ -59,7 +59,9 @@ def set_aside_old_run(run_dir: Path) -> Path | None:
 
 
 def run_training(cfg, backbone, control=None, observers=(), previewer=None, force_resume=False,
-                 index=None, dist: DistContext = SINGLE) -> TrainResult:
+                 index=None, dist: DistContext = SINGLE, data_findings=None) -> TrainResult:
+    """`data_findings`: the data check's findings when the caller already ran it (then they are
+    only logged here, not computed again)."""
     run_dir = Path(cfg.run_dir)
     if not cfg.resume and dist.is_main:
         moved = set_aside_old_run(run_dir)
@@ -76,7 +78,7 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
             for w in index.warnings:
                 log.warning(w)
             if cfg.check_data:
-                check_before_training(index, cfg, log if dist.is_main else None)  # warn once
+                check_before_training(index, cfg, log if dist.is_main else None, data_findings)
             if dist.is_main:
                 write_effective_config(cfg, run_dir)
             if previewer is None and cfg.preview_prompts:
@@ -102,16 +104,17 @@ def train_from_config(cfg, control=None, observers=(), force_resume=False) -> Tr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    dist = init_from_environment(resolve_device(cfg.device).type)
-    device = device_for(dist, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    dist = init_from_environment(device.type)
+    device = device_for(dist, device)
     index = index_dataset(cfg)  # data errors before the (slow) model load
-    if cfg.check_data:
-        check_before_training(index, cfg)  # errors only here; run_training logs the warnings
+    # errors stop the run here, before the model load; run_training logs the warnings into train.log
+    findings = check_before_training(index, cfg) if cfg.check_data else None
     backbone = load_backbone(cfg.base_model, cfg.base_model_config, device=device,
                              dtype=base_dtype(cfg, device), prediction_type=cfg.prediction_type)
     try:
         return run_training(cfg, backbone, control, observers if dist.is_main else (), None,
-                            force_resume, index=index, dist=dist)
+                            force_resume, index=index, dist=dist, data_findings=findings)
     finally:
         shutdown(dist)
 
