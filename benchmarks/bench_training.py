@@ -166,23 +166,14 @@ def peak_rss_mib() -> float:
 
 def reset_peak_rss() -> bool:
     """Linux: restart the high-water mark (VmHWM, and with it ru_maxrss) from the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    from lora_trainer.monitor.system import reset_peak_memory   # (worker processes only: torch)
+    return reset_peak_memory("cpu")
 
 
 def current_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from lora_trainer.monitor.system import cpu_memory
+    rss = cpu_memory()["rss"]
+    return rss / MIB if rss is not None else None
 
 
 class PeakTracker:
@@ -707,7 +698,7 @@ def environment(raw: dict) -> list[str]:
         f"python {platform.python_version()}  torch {version('torch')}  diffusers {version('diffusers')}  "
         f"transformers {version('transformers')}  safetensors {version('safetensors')}  "
         f"lora_trainer {version('lora_trainer')}",
-        f"model: UNet (64,128,256,256) x 2 layers/level, CrossAttn x3, 4 heads, cross-attn 256; "
+        "model: UNet (64,128,256,256) x 2 layers/level, CrossAttn x3, 4 heads, cross-attn 256; "
         f"CLIP-text 256 x 4 layers,",
         f"       vocab 49408; VAE (32,64,128,128) x 2 layers/level (f8); single file {prep.get('model_mib', 0):.0f} MiB "
         f"+ {MODEL_STEM}.config/",
@@ -720,7 +711,7 @@ WIDTH = 118
 
 
 def render(raw: dict) -> str:
-    prep, results, mode = raw["prep"], raw["results"], raw["mode"]
+    results, mode = raw["results"], raw["mode"]
     steps, save_steps, rounds = mode["steps"], mode["save_steps"], mode["rounds"]
     lines = ["=" * WIDTH, "lora_trainer training benchmark", *environment(raw), "-" * WIDTH]
     lines.append(f"{'':52s}{'median':>10s}{'range of':>16s}{'CPU s/step':>12s}{'samples/s':>10s}"
