@@ -699,7 +699,7 @@ def environment(raw: dict) -> list[str]:
         f"transformers {version('transformers')}  safetensors {version('safetensors')}  "
         f"lora_trainer {version('lora_trainer')}",
         "model: UNet (64,128,256,256) x 2 layers/level, CrossAttn x3, 4 heads, cross-attn 256; "
-        f"CLIP-text 256 x 4 layers,",
+        "CLIP-text 256 x 4 layers,",
         f"       vocab 49408; VAE (32,64,128,128) x 2 layers/level (f8); single file {prep.get('model_mib', 0):.0f} MiB "
         f"+ {MODEL_STEM}.config/",
         f"run: {NUM_IMAGES} images {RESOLUTION} px, batch {BATCH}, rank {RANK}, attn-mlp, fp32 CPU, "
