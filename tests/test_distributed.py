@@ -7,13 +7,11 @@ rank stops the run, which then resumes from its last checkpoint with ONE process
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from lora_trainer.config import load_config

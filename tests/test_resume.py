@@ -150,7 +150,6 @@ def test_disk_full_during_a_save_stops_with_a_clear_message(make_config, monkeyp
 
     cfg = make_config(**RUN)
     original = checkpoints.write_file_synced
-    calls = {"n": 0}
 
     def full_disk(path, data):
         if "checkpoint-00000004" in str(path):

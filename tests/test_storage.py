@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lora_trainer.storage import atomic, checkpoints, train_state
+from lora_trainer.storage import atomic, checkpoints
 from lora_trainer.storage.atomic import (DiskFullError, atomic_save_safetensors, atomic_write_bytes,
                                          atomic_write_json, atomic_write_text)
 from lora_trainer.storage.checkpoints import CheckpointError, CheckpointStore
