@@ -168,3 +168,28 @@ def test_shuffled_captions_are_not_kept_in_memory(make_config, caplog):
     assert result.status == "finished" and kept and max(kept) == 0
     assert "shuffle_caption is on" in caplog.text
     assert "Base model: SD1" in caplog.text   # the detected family is said
+
+
+def test_captions_are_encoded_before_the_first_step_and_change_nothing(make_config, monkeypatch):
+    """All text encoding happens before the UNet's first step (the WebUI's --medvram swaps the text
+    encoder and the UNet on and off the GPU whenever the other runs), with caption dropout's empty
+    caption too; the LoRA is the one the lazy, first-epoch encoding gives, bit for bit."""
+    from lora_trainer.backbones.diffusers_sd import DiffusersBackbone
+    from lora_trainer.training import samples
+
+    events = []
+    encode_text, predict = DiffusersBackbone.encode_text, DiffusersBackbone.predict
+    monkeypatch.setattr(DiffusersBackbone, "encode_text",
+                        lambda self, *a, **k: events.append("text") or encode_text(self, *a, **k))
+    monkeypatch.setattr(DiffusersBackbone, "predict",
+                        lambda self, *a, **k: events.append("unet") or predict(self, *a, **k))
+    values = dict(epochs=2, caption_dropout_rate=0.3, cache_latents_to_disk=False)
+    early = train_from_config(load_config(make_config("early", **values)))
+    assert "unet" in events and "text" not in events[events.index("unet"):]
+    assert events.count("text") == 7                       # 6 captions and the dropped one ("")
+    monkeypatch.setattr(samples.SampleSource, "precompute_conditioning", lambda self: None)
+    events.clear()
+    lazy = train_from_config(load_config(make_config("lazy", **values)))
+    assert "text" in events[events.index("unet"):]          # the control: encoded while training
+    ta, tb = read_lora_file(early.lora_path)[0], read_lora_file(lazy.lora_path)[0]
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -160,6 +160,16 @@ def test_backbone_matches_the_headless_backbone(standin, tiny_sd1):
         assert images.shape == (1, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
 
 
+def test_device_is_the_webuis_not_where_medvram_parked_the_weights(standin):
+    """--medvram parks the UNet/VAE/text encoders on the CPU between uses (hooks move them to the GPU
+    when called): the backbone must run on the WebUI's device whatever the weights' place now. A
+    CPU-only machine has one real device, so the parked place is played by the meta device."""
+    standin.model.to("meta")
+    webui_devices = types.SimpleNamespace(device=torch.device("cpu"))
+    assert WebuiBackbone(standin, env=WebuiEnv(devices=webui_devices)).device == torch.device("cpu")
+    assert WebuiBackbone(standin).device == torch.device("meta")   # no WebUI: the weights' device
+
+
 def test_long_captions_keep_their_first_chunk(standin):
     backbone = WebuiBackbone(standin)
     standin.get_learned_conditioning = lambda texts: torch.ones(len(texts), 154, 32)

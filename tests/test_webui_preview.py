@@ -66,11 +66,11 @@ def test_previews_go_through_process_images_and_do_not_change_training(make_conf
     seen = env.processing.seen
     # before the first step, after step 1, and at the end of training: two prompts each
     assert len(seen) == 6
-    assert seen[1]["prompt"] == "lt_demo, a red circle <lora:with_previews:1>"
-    args = seen[1]["args"]
+    assert seen[3]["prompt"] == "lt_demo, a red circle <lora:with_previews:1>"
+    args = seen[3]["args"]
     assert (args["steps"], args["seed"], args["sampler_name"], args["cfg_scale"]) == (3, 5, "Euler a", 4.0)
     assert (args["width"], args["height"]) == (cfg.resolution, cfg.resolution)
-    assert args["do_not_save_samples"] and args["do_not_save_grid"] and seen[1]["p"].closed
+    assert args["do_not_save_samples"] and args["do_not_save_grid"] and seen[3]["p"].closed
     # while previewing: no training adapters in the forward path, no grad, eval mode
     assert all(s["adapters"] == 0 and not s["grad"] and not s["training"] for s in seen)
 
@@ -97,6 +97,32 @@ def test_previews_go_through_process_images_and_do_not_change_training(make_conf
                                               preview_prompts=[]), env=env)
     a, b = read_lora_file(result.lora_path)[0], read_lora_file(plain.lora_path)[0]
     assert set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_the_untrained_lora_is_left_out_of_the_first_preview(make_config, tmp_path, env):
+    """Before the first step the LoRA is all zeros: the preview drops its tags (exactly the same
+    image) and writes no file, so a LoRA of that name from an earlier run, and its card, stay as
+    they are until the new run's first real save."""
+    earlier = job.train_on_loaded_model(cfg_for(make_config, tmp_path, env, "again", write_card=True,
+                                                preview_every_n_steps=2, preview_prompts=PROMPTS), env=env)
+    lora, card = Path(earlier.lora_path), Path(earlier.lora_path).with_suffix(".preview.png")
+    old_lora, old_card = lora.read_bytes(), card.read_bytes()
+    untouched, render = [], env.processing.process_images
+
+    def watching(p):
+        untouched.append(lora.read_bytes() == old_lora and card.read_bytes() == old_card)
+        return render(p)
+    env.processing.process_images = watching
+    env.processing.seen.clear()
+    cfg = cfg_for(make_config, tmp_path, env, "again", write_card=True, seed=99, preview_every_n_steps=2,
+                  preview_prompts=PROMPTS, run_dir=str(tmp_path / "runs" / "again-2"))
+    assert job.train_on_loaded_model(cfg, env=env).status == "finished"
+    assert untouched == [True, True, False, False]            # step 0 (2 prompts), then step 2
+    prompts = [seen["prompt"] for seen in env.processing.seen]
+    assert prompts == [PROMPTS[0], PROMPTS[0], PROMPTS[0], "lt_demo, a red circle <lora:again:1>"]
+    first = Path(cfg.run_dir) / "previews" / "000000"
+    assert np.array_equal(pixels(first / "0.png"), pixels(first / "1.png"))
+    assert lora.read_bytes() != old_lora and card.read_bytes() != old_card
 
 
 def test_previewer_restores_everything_when_rendering_fails(make_config, tmp_path, env, standin):

@@ -124,6 +124,22 @@ class SampleSource:
             self.text_disk.put(key, cond)
         return cond
 
+    def precompute_conditioning(self) -> None:
+        """Encode every caption once, before the first step, when the conditioning depends on the
+        record alone (no shuffling; cached latents, whose sizes are SDXL's size conditioning). The
+        values are the ones the first epoch would compute (one caption at a time), only earlier:
+        the text encoder is then done before the UNet starts, which is what the WebUI's --medvram
+        needs (it swaps the two on and off the GPU whenever the other runs)."""
+        if not self.cache_text or self.cfg.shuffle_caption or not self.cache_latents:
+            return
+        with_dropout = self.cfg.caption_dropout_rate > 0
+        for i, record in enumerate(self.records):
+            sizes = self._latents[i][1] if i in self._latents else self._cached_latent(i)[1]
+            for caption in [record.caption, ""] if with_dropout else [record.caption]:
+                key = self._text_key(caption, sizes)
+                if key not in self._conds:
+                    self._conds[key] = self._encode_one(caption, sizes)
+
     def conditioning(self, captions: list[str], sizes: list[dict]) -> dict:
         if not self.cache_text:
             return self.backbone.encode_text(captions, sizes)

@@ -216,8 +216,10 @@ class Trainer:
         self._describe_data()
         if self.dist.is_main:  # rank 0 fills the disk cache once; the others then read it
             self.samples.precompute_latents()
+            self.samples.precompute_conditioning()
         self.dist.barrier()
         self.samples.precompute_latents()
+        self.samples.precompute_conditioning()
         self.observer.on_start(self._start_info(resumed))
         if self.previewer and not resumed:
             self._preview()

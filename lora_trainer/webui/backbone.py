@@ -83,6 +83,15 @@ def _first_param(module: nn.Module) -> torch.Tensor:
     raise ValueError(f"{type(module).__name__} has no parameters")
 
 
+def compute_device(env, weight: torch.Tensor) -> torch.device:
+    """Where the WebUI runs the model: its own device (`modules.devices.device`), not where a weight
+    lies now. With --medvram the WebUI parks the UNet, VAE and text encoders on the CPU between uses
+    and its forward hooks move each one to the GPU when it is called; inputs and LoRA adapters must
+    be on the GPU by then. Without a WebUI (stand-ins) the weight's device is all there is."""
+    device = getattr(getattr(env, "devices", None), "device", None)
+    return torch.device(device) if device is not None else weight.device
+
+
 class WebuiBackbone:
     def __init__(self, sd_model, env=None, resolution: int = 512):
         self.model = sd_model
@@ -93,7 +102,7 @@ class WebuiBackbone:
             raise ValueError("the loaded model has no model.diffusion_model (is this Forge? only "
                              "AUTOMATIC1111's model objects are supported)")
         weight = _first_param(self.unet)
-        self.device = weight.device
+        self.device = compute_device(env, weight)
         self.dtype = weight.dtype
         parameterization = getattr(sd_model, "parameterization", "eps")
         if parameterization not in _PREDICTION_TYPES:

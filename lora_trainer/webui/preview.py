@@ -4,7 +4,10 @@
 under `run_dir/previews/<step>/`), but renders exactly what txt2img will produce for the prompt:
 
 1. the training network is detached (its adapters are not in the forward path any more) and the
-   current LoRA is saved to its file (`trainer.save_lora`, normally in models/Lora);
+   current LoRA is saved to its file (`trainer.save_lora`, normally in models/Lora). Not while the
+   LoRA is still untrained (every `up` is zero, e.g. the preview before the first step): it adds
+   exactly nothing, so its tags are left out of the prompts and no file is written; a LoRA of
+   that name from an earlier run stays as it is until the first real save;
 2. the WebUI's caches that would show a stale result are dropped (Lora card list, the Lora
    extension's in-memory copy of that file and its per-layer merge record, the class-level
    prompt-conditioning cache);
@@ -31,7 +34,8 @@ import torch
 
 from ..preview.cards import write_card_preview
 from ..preview.images import grid, save_png
-from ..preview.prompt_syntax import TRAINED_PLACEHOLDER, PreviewPrompt, parse_prompt_lines
+from ..preview.prompt_syntax import (LORA_TAG_KINDS, TAG_PATTERN, TRAINED_PLACEHOLDER, PreviewPrompt,
+                                     parse_prompt_lines)
 from ..preview.sampler import SAMPLER_LABELS
 from .env import WebuiEnv
 from .lora_state import clean_base_weights, invalidate_webui_lora_caches
@@ -69,6 +73,12 @@ def _preserved_rng(device: torch.device):
             np.random.set_state(np_state)
 
 
+@torch.no_grad()
+def is_untrained(network) -> bool:
+    """True while the LoRA adds exactly nothing: every adapter's `up` is still zero (kohya's init)."""
+    return all(not adapter.up.weight.any() for adapter in network.adapters.values())
+
+
 class WebuiPreviewer:
     """Renders `prompts` (default cfg.preview_prompts) with the WebUI's process_images."""
 
@@ -101,14 +111,22 @@ class WebuiPreviewer:
                         self.cfg.output_dir, folder, self.cfg.output_name)
 
     # ---- what one prompt asks for ---------------------------------------------------------------------
-    def prompt_text(self, prompt: PreviewPrompt) -> str:
-        """The prompt as txt2img gets it: tags kept, `{name}` = the LoRA file's name."""
-        return prompt.prompt.replace(TRAINED_PLACEHOLDER, self.cfg.output_name)
+    def prompt_text(self, prompt: PreviewPrompt, without_trained: bool = False) -> str:
+        """The prompt as txt2img gets it: tags kept, `{name}` = the LoRA file's name;
+        `without_trained` drops the tags of the LoRA being trained (while it is all zeros)."""
+        text = prompt.prompt.replace(TRAINED_PLACEHOLDER, self.cfg.output_name)
+        if without_trained:
+            text = TAG_PATTERN.sub(lambda m: "" if self._names_trained(m) else m.group(0), text).strip()
+        return text
 
-    def processing_args(self, prompt: PreviewPrompt) -> dict:
+    def _names_trained(self, match) -> bool:
+        kind, arguments = match.group(1), match.group(2)
+        return kind in LORA_TAG_KINDS and arguments.split(":")[0].strip() == self.cfg.output_name
+
+    def processing_args(self, prompt: PreviewPrompt, without_trained: bool = False) -> dict:
         cfg = self.cfg
         return dict(
-            prompt=self.prompt_text(prompt),
+            prompt=self.prompt_text(prompt, without_trained),
             negative_prompt=cfg.preview_negative_prompt if prompt.negative is None else prompt.negative,
             steps=prompt.steps or cfg.preview_steps,
             cfg_scale=cfg.preview_cfg_scale if prompt.cfg_scale is None else prompt.cfg_scale,
@@ -123,7 +141,9 @@ class WebuiPreviewer:
         folder = Path(trainer.run_dir) / "previews" / f"{step:06d}"
         env, model = self.env, self.env.sd_model
         trainer.say(f"Previews at step {step}: {len(self.prompts)} prompt(s) through the WebUI's txt2img")
-        lora_path = trainer.save_lora()                 # the file the Lora extension will apply
+        untrained = is_untrained(trainer.network)
+        # the file the Lora extension will apply; an all-zero LoRA is left out of the prompts instead
+        lora_path = trainer.lora_path if untrained else trainer.save_lora()
         modes = [(m, m.training) for m in model.modules()]
         grad = torch.is_grad_enabled()
         network = trainer.network
@@ -134,7 +154,7 @@ class WebuiPreviewer:
             with _preserved_rng(trainer.backbone.device), torch.no_grad():
                 model.eval()
                 for n, prompt in enumerate(self.prompts):
-                    image, info = self._process(prompt)
+                    image, info = self._process(prompt, untrained)
                     if image is None:
                         trainer.say(f"Preview {n}: the WebUI returned no image (interrupted?)")
                         continue
@@ -153,15 +173,15 @@ class WebuiPreviewer:
         paths = [path for _, path, _ in images]
         if images:
             paths.append(save_png(folder / "grid.png", grid([image for _, _, image in images])))
-            if self.cfg.write_card:
+            if self.cfg.write_card and not untrained:    # the card shows the LoRA, not the base
                 write_card_preview(trainer.lora_path, self._card_image(images))
         return paths
 
-    def _process(self, prompt: PreviewPrompt):
+    def _process(self, prompt: PreviewPrompt, without_trained: bool = False):
         """(PIL image or None, infotext) from process_images."""
         processing = self.env.processing
         p = processing.StableDiffusionProcessingTxt2Img(sd_model=self.env.sd_model,
-                                                        **self.processing_args(prompt))
+                                                        **self.processing_args(prompt, without_trained))
         try:
             result = processing.process_images(p)
         finally:
