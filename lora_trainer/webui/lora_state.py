@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -50,15 +52,18 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def weight_digests(module: nn.Module) -> dict[str, str]:
-    """name -> digest of every parameter and buffer (each tensor once, under its first name)."""
+    """name -> digest of every parameter and buffer (each tensor once, under its first name).
+    Hashed on all cores: hashlib drops the GIL on big buffers, and an SDXL model is ~7 GB that a
+    job hashes twice (before and after)."""
     seen: set[int] = set()
-    digests = {}
+    tensors = {}
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if tensor is None or id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        digests[name] = _tensor_digest(tensor)
-    return digests
+        tensors[name] = tensor
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(tensors, pool.map(_tensor_digest, tensors.values())))
 
 
 def combined_digest(digests: dict[str, str]) -> str:
