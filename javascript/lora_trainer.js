@@ -1,6 +1,6 @@
-// Train LoRA tab (lora_trainer): the copy button and small layout helpers.
-// The WebUI injects this file into every page; `lora-trainer ui` runs it once on page load.
-// Everything is attached to `window` explicitly so both ways of loading behave the same.
+// Train LoRA tab (lora_trainer): the copy button, small layout helpers and, in the WebUI, refreshing
+// the Lora cards when a run ends. The WebUI injects this file into every page; `lora-trainer ui` runs it
+// once on page load. Everything is attached to `window` explicitly so both ways behave the same.
 (function () {
     "use strict";
 
@@ -76,7 +76,43 @@
         }
     }
 
+    // Inside the WebUI: when a run ends (finished or stopped, as this page's progress box shows it),
+    // refresh the Lora cards of txt2img and img2img. The WebUI builds their HTML once and only
+    // rebuilds it on the extra-networks Refresh button, so the new LoRA (and its thumbnail) would
+    // not show otherwise. This presses the same hidden button that Refresh presses.
+    var ENDED = ["finished", "stopped"];
+    var lastRun = null;
+
+    function refreshLoraCards() {
+        window.loraTrainerCardRefreshes = (window.loraTrainerCardRefreshes || 0) + 1;
+        ["txt2img", "img2img"].forEach(function (tabname) {
+            var button = root().querySelector("#" + tabname + "_lora_extra_refresh_internal");
+            if (button) {
+                button.dispatchEvent(new Event("click"));
+            }
+        });
+    }
+
+    function watchRunEnd() {
+        var box = root().querySelector("#lora_trainer_progress .lora-trainer-progress");
+        if (!box) {
+            return;
+        }
+        var now = {run: box.getAttribute("data-run") || "", status: box.getAttribute("data-status") || ""};
+        var before = lastRun;
+        lastRun = now;
+        if (before && (before.run !== now.run || before.status !== now.status) &&
+                ENDED.indexOf(now.status) >= 0) {
+            refreshLoraCards();
+        }
+    }
+
+    function everySecond() {
+        scrollLog();
+        watchRunEnd();
+    }
+
     if (!window.loraTrainerLogTimer) {
-        window.loraTrainerLogTimer = setInterval(scrollLog, 1000);
+        window.loraTrainerLogTimer = setInterval(everySecond, 1000);
     }
 })();

@@ -14,6 +14,17 @@ from ..storage.checkpoints import CHECKPOINTS_DIRNAME, CheckpointStore
 COLUMNS = ["Run", "Step", "Loss", "Saved"]
 
 
+def _blank_path_defaults() -> frozenset:
+    """Path fields whose default is "" (not None): a run's config.yaml writes them as ''."""
+    from ..config.load import field_specs
+
+    return frozenset(name for name, spec in field_specs().items()
+                     if spec.meta.get("path") and spec.default == "")
+
+
+_BLANK_MEANS_DEFAULT = _blank_path_defaults()
+
+
 @dataclass(frozen=True)
 class RunInfo:
     name: str
@@ -93,5 +104,11 @@ def resume_config(run_dir, required: Optional[Iterable[str]] = None):
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise ConfigError(str(path), [("", f"cannot read the run's config: {error}")]) from None
+        if isinstance(raw, dict):
+            # a blank path that is not required here was the field's default when the run started
+            # (the WebUI's runs record `base_model: ''`: they train the loaded model); read back as
+            # given it would be refused as an "empty path" and the run could never be resumed
+            raw = {k: v for k, v in raw.items()
+                   if not (k not in required and k in _BLANK_MEANS_DEFAULT and isinstance(v, str) and not v.strip())}
         cfg = config_from_dict(raw, base_dir=path.absolute().parent, source=str(path), required=required)
     return dataclasses.replace(cfg, resume=True) if not cfg.resume else cfg

@@ -302,13 +302,31 @@ class _TabBuilder:
         return roots
 
     def _runs_found(self, folder: str):
-        """(table, resumable run folders newest first)."""
+        """(table, resumable runs newest first, as `_run_label`s)."""
         try:
             found = runs.find_runs(self._runs_roots(folder))
         except OSError as error:
             log.warning("Cannot list runs: %s", error)
             found = []
-        return self._runs_frame(found), [str(r.path) for r in found if r.resumable]
+        return self._runs_frame(found), [self._run_label(r.path, folder) for r in found if r.resumable]
+
+    def _run_label(self, run_dir, folder: str) -> str:
+        """What the Run to resume list shows: the run's name when it is in the runs folder (the
+        full path, e.g. <WebUI>/extensions/<extension>/runs/<name>, is too long to tell runs
+        apart in the box), its full path otherwise."""
+        roots = self._runs_roots(folder)
+        if roots and Path(run_dir).resolve().parent == Path(roots[0]).resolve():
+            return Path(run_dir).name
+        return str(run_dir)
+
+    def _run_dir_of(self, choice: str, folder: str) -> str:
+        """The run folder a `_run_label` stands for."""
+        if not choice or Path(choice).is_absolute():
+            return choice
+        for root in self._runs_roots(folder):
+            if (Path(root) / choice).is_dir():
+                return str(Path(root) / choice)
+        return choice
 
     def _runs_outputs(self, folder: str, selected: Optional[str]):
         table, choices = self._runs_found(folder)
@@ -438,8 +456,9 @@ class _TabBuilder:
     def on_refresh_runs(self, folder, selected):
         return self._runs_outputs(folder, selected)
 
-    def on_resume(self, run_dir, folder):
+    def on_resume(self, choice, folder):
         unchanged = [compat.no_change()] * len(self.form.inputs)
+        run_dir = self._run_dir_of(choice, folder)
         if not run_dir:
             return [*unchanged, views.message_html("Pick a run in the runs list first (Refresh runs).",
                                                    "warn")]
@@ -462,6 +481,8 @@ class _TabBuilder:
         keep = compat.no_change()
         outputs = [keep] * 9
         if snap.version == state.get("version"):
+            if snap.active:     # nothing new, but the elapsed time and ETA move on (e.g. while starting)
+                outputs[0] = views.progress_html(snap)
             return state, outputs
         first = "version" not in state
         progress, plot, gallery, log_text, lora_path, tag = self._snapshot_outputs(snap)
@@ -472,8 +493,9 @@ class _TabBuilder:
         just_ended = ended and not first and state.get("status") != snap.status
         if first or snap.runs_version != state.get("runs_version"):
             table, choices = self._runs_found(folder)
-            if just_ended and snap.run_dir in choices:     # offer the run that just ended
-                choice = compat.update(choices=choices, value=snap.run_dir)
+            ended_run = self._run_label(snap.run_dir, folder) if snap.run_dir else None
+            if just_ended and ended_run in choices:        # offer the run that just ended
+                choice = compat.update(choices=choices, value=ended_run)
             elif first and selected not in choices:
                 choice = compat.update(choices=choices, value=choices[0] if choices else None)
             else:                                          # keep what the user picked

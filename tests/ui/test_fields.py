@@ -166,6 +166,38 @@ def test_runs_list_and_resume_config(tmp_path, paths):
     assert dataclasses.replace(resumed, resume=False) == cfg
 
 
+def test_run_to_resume_lists_names_and_resumes_their_folders(tmp_path, paths):
+    """The Run to resume box shows a run of the runs folder by name (in the WebUI the full path
+    starts with the long extension folder, and every choice looked the same); Resume gets its folder."""
+    from lora_trainer.config import write_effective_config
+    from lora_trainer.ui.tab import TabSettings, _TabBuilder
+
+    cfg = config_from_dict(dict(paths, output_name="a"), base_dir=tmp_path)
+    write_effective_config(cfg)
+    builder = _TabBuilder(TabSettings(base_dir=tmp_path), TrainingWorker(trainer=lambda *a, **k: None), {})
+    folder = str(tmp_path / "runs")
+    _, choices = builder._runs_found(folder)
+    assert choices == ["a"]
+    assert builder._run_dir_of("a", folder) == str(cfg.run_dir)
+    elsewhere = str(tmp_path / "elsewhere" / "b")
+    assert builder._run_label(elsewhere, folder) == elsewhere == builder._run_dir_of(elsewhere, folder)
+
+
+def test_resume_config_of_a_webui_run_without_base_model(tmp_path, paths):
+    """A run the WebUI tab started records `base_model: ''` (it trains the loaded model); the Runs
+    list's Resume must read that back, not refuse it as an empty path."""
+    from lora_trainer.config import write_effective_config
+
+    values = {k: v for k, v in paths.items() if k != "base_model"}
+    cfg = config_from_dict(dict(values, output_name="w"), base_dir=tmp_path, required=("train_data_dir",))
+    assert cfg.base_model == ""
+    write_effective_config(cfg)
+    resumed = runs.resume_config(cfg.run_dir, required=("train_data_dir",))
+    assert resumed.base_model == "" and resumed.run_dir == cfg.run_dir and resumed.resume
+    with pytest.raises(ConfigError, match="base_model"):     # where it is required, still refused
+        runs.resume_config(cfg.run_dir)
+
+
 def test_compat_drops_unknown_arguments():
     box = compat.make(gr.Textbox, label="x", definitely_not_an_argument=1)
     assert box.label == "x"

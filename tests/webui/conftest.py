@@ -20,13 +20,28 @@ from webui_harness import (SKIP_REASON, WEBUI_DIR, _free_port, _webui_python, ht
 def webui(tmp_path_factory):
     if not WEBUI_DIR:
         pytest.skip(SKIP_REASON)
+    data = tmp_path_factory.mktemp("webui-data")
+    prepared = prepare_webui_data(data)
+    root, python, env, extension = prepared["root"], prepared["python"], prepared["env"], prepared["extension"]
+    server = start_webui(root, python, data, data / "webui.log", env)
+    try:
+        yield {"url": server["url"], "data": data, "extension": extension, "log": server["log_path"],
+               "dataset": prepared["dataset"], "root": root, "python": python, "env": env}
+    finally:
+        stop_webui(server)
+
+
+def prepare_webui_data(data: Path) -> dict:
+    """A WebUI --data-dir with the tiny SD1 checkpoint, this extension (and the test harness) in
+    extensions/, its installer run, and a 6-image dataset: {root, python, data, extension, env,
+    dataset}. Each module that needs a server of its own (e.g. one it kills) calls this on a fresh
+    folder and `start_webui` on it."""
     from tiny_model import write_tiny_webui_model
 
     from lora_trainer.tools.demo import write_dataset
 
     root = Path(WEBUI_DIR)
     python = _webui_python(root)
-    data = tmp_path_factory.mktemp("webui-data")
     write_tiny_webui_model(data / "models")
     extension = install_extension(data / "extensions")
     (data / "config.json").write_text(json.dumps({
@@ -40,13 +55,8 @@ def webui(tmp_path_factory):
     install = subprocess.run([python, str(extension / "install.py")], cwd=root, capture_output=True,
                              text=True, env={**env, "PYTHONPATH": str(root)}, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
-    server = start_webui(root, python, data, data / "webui.log", env)
-    try:
-        yield {"url": server["url"], "data": data, "extension": extension, "log": server["log_path"],
-               "dataset": write_dataset(data / "dataset", count=6, size=64),
-               "root": root, "python": python, "env": env}
-    finally:
-        stop_webui(server)
+    return {"root": root, "python": python, "data": data, "extension": extension, "env": env,
+            "dataset": write_dataset(data / "dataset", count=6, size=64)}
 
 
 def start_webui(root: Path, python: str, data: Path, log_path: Path, env: dict) -> dict:
