@@ -4,6 +4,7 @@ LDM names the WebUI's model has) and a stand-in of its Lora extension. No WebUI 
 code against the real WebUI is tests/webui/."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from pathlib import Path
@@ -205,6 +206,106 @@ def test_sdxl_conditioning_gets_each_samples_size_in_order():
     assert backbone.encode_text(["d"])["vector"].tolist() == [[64, 64]]
 
 
+def test_sdxl_text_encoders_get_gradients_through_sgms_conditioner():
+    """SGM's GeneralConditioner runs embedders with is_trainable=False (all of them in an inference
+    config) under torch.no_grad(): text-encoder LoRA on SDXL got no gradient and stayed zero in the
+    real WebUI. While training records gradients the text embedders are trainable; the flag is put
+    back, and encoding without gradients (latent/text caches) is unchanged."""
+
+    class Embedder(torch.nn.Module):        # the WebUI's hijacked embedder around the SGM one
+        def __init__(self):
+            super().__init__()
+            self.wrapped = torch.nn.Linear(4, 4)
+            self.is_trainable = False
+
+        def forward(self, texts):
+            return self.wrapped(torch.ones(len(texts), 77, 4))
+
+    class SizeEmbedder(torch.nn.Module):    # ConcatTimestepEmbedderND: no text, stays as it is
+        is_trainable = False
+
+        def forward(self, sizes):
+            return sizes.float()
+
+    class Conditioner(torch.nn.Module):     # sgm.modules.GeneralConditioner.forward, reduced
+        def __init__(self):
+            super().__init__()
+            self.embedders = torch.nn.ModuleList([Embedder(), Embedder(), SizeEmbedder()])
+
+        def forward(self, batch):
+            out = {}
+            for e in self.embedders:
+                with contextlib.nullcontext() if e.is_trainable else torch.no_grad():
+                    emb = e(batch["txt"] if not isinstance(e, SizeEmbedder) else batch["size"])
+                out.setdefault("crossattn" if emb.dim() == 3 else "vector", []).append(emb)
+            return {k: torch.cat(v, dim=-1) for k, v in out.items()}
+
+    class FakeSdxl(torch.nn.Module):
+        is_sd1, is_sd2, is_sdxl = False, False, True
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.diffusion_model = torch.nn.Linear(2, 2)
+            self.conditioner = Conditioner()
+            self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+        def get_learned_conditioning(self, batch):
+            size = torch.tensor([[batch.height, batch.width]] * len(batch))
+            return self.conditioner({"txt": list(batch), "size": size})
+
+    model = FakeSdxl()
+    model.requires_grad_(False)
+    backbone = WebuiBackbone(model, resolution=64)
+    te1, te2, sizes = model.conditioner.embedders
+    te2.wrapped.weight.requires_grad_(True)           # stands for a LoRA adapter's weight
+    cond = backbone.encode_text(["a", "b"])
+    assert cond["crossattn"].requires_grad
+    cond["crossattn"].sum().backward()
+    assert te2.wrapped.weight.grad is not None and te2.wrapped.weight.grad.abs().max() > 0
+    assert (te1.is_trainable, te2.is_trainable, sizes.is_trainable) == (False, False, False)
+    with torch.no_grad():
+        assert not backbone.encode_text(["a"])["crossattn"].requires_grad
+    assert te2.is_trainable is False
+
+
+def test_sd2_text_layers_the_model_never_runs_are_not_targets():
+    """LDM's FrozenOpenCLIPEmbedder (SD2) runs its resblocks up to `len - layer_idx` ("penultimate":
+    all but the last). The last one got LoRA layers that never trained (zero in every real-WebUI
+    file) and are not in the headless SD2 file (diffusers' SD2 text encoder lacks that layer)."""
+
+    def resblock():
+        block = torch.nn.Module()
+        block.mlp = torch.nn.Module()
+        block.mlp.c_fc, block.mlp.c_proj = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+        return block
+
+    class FakeSd2(torch.nn.Module):
+        is_sd1, is_sd2, is_sdxl = False, True, False
+        parameterization = "v"
+
+        def __init__(self, layer_idx):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.diffusion_model = torch.nn.Linear(2, 2)
+            self.cond_stage_model = torch.nn.Module()
+            self.cond_stage_model.wrapped = torch.nn.Module()    # the LDM FrozenOpenCLIPEmbedder
+            self.cond_stage_model.wrapped.model = torch.nn.Module()
+            self.cond_stage_model.wrapped.model.transformer = torch.nn.Module()
+            self.cond_stage_model.wrapped.model.transformer.resblocks = torch.nn.ModuleList(
+                [resblock() for _ in range(3)])
+            self.cond_stage_model.wrapped.layer_idx = layer_idx
+            self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+    def text_targets(layer_idx):
+        return sorted(t.name for t in WebuiBackbone(FakeSd2(layer_idx)).lora_targets() if t.component == "te")
+
+    penultimate = text_targets(1)
+    assert penultimate == [f"lora_te_text_model_encoder_layers_{i}_mlp_{fc}"
+                           for i in (0, 1) for fc in ("fc1", "fc2")]
+    assert len(text_targets(0)) == 6          # "last": every resblock runs
+
+
 def test_gradient_checkpointing_wraps_blocks_and_keeps_gradients(standin):
     backbone = WebuiBackbone(standin)
     backbone.freeze()
@@ -313,6 +414,27 @@ def run_headless_and_webui(make_config, tmp_path, env, **values):
     headless = train_from_config(webui_cfg(make_config, tmp_path, "headless", **values))
     webui = job.train_on_loaded_model(webui_cfg(make_config, tmp_path, "webui", **values), env=env)
     return read_lora_file(headless.lora_path)[0], read_lora_file(webui.lora_path)[0], webui
+
+
+def test_webui_and_headless_runs_do_not_share_text_embeddings(make_config, tmp_path, env):
+    """Both hosts give the same model the same identity hash (resume carries over), and the default
+    cache folder is per user: the WebUI read the CLI's cached caption embeddings (and the CLI the
+    WebUI's: on SDXL a KeyError 'text_embeds', seen in the real WebUI). Text entries are per host;
+    latents stay shared."""
+    cache = tmp_path / "cache"
+    values = dict(epochs=1, max_train_steps=2, train_text_encoder=False, cache_latents_to_disk=True,
+                  cache_dir=str(cache), resume=False, preview_prompts=[], write_card=False)
+    train_from_config(webui_cfg(make_config, tmp_path, "headless", **values))
+
+    def entries(kind):
+        return sorted(p.name for p in (cache / kind).rglob("*.safetensors"))
+
+    headless_text, latents = entries("text"), entries("latents")
+    assert headless_text and latents
+    job.train_on_loaded_model(webui_cfg(make_config, tmp_path, "webui", **values), env=env)
+    assert entries("latents") == latents
+    webui_text = sorted(set(entries("text")) - set(headless_text))
+    assert len(webui_text) == len(headless_text)
 
 
 def test_webui_file_equals_the_headless_file(make_config, tmp_path, env, standin):

@@ -27,7 +27,12 @@ class SampleSource:
         self.records = index.records
         self.backbone = backbone
         self.buckets = buckets                      # data.buckets.BucketPlan
-        self.model_hash = backbone.identity().get("hash", "")
+        identity = backbone.identity()
+        self.model_hash = identity.get("hash", "")
+        # The WebUI encodes captions its own way (its prompt parser, CLIP-skip setting, conditioning
+        # keys: SDXL's `vector`, not `text_embeds`): the same model's text embeddings are not the
+        # headless ones, so they are cached apart. Latents are the same and stay shared.
+        self.text_host = identity.get("host")
         self._latents: dict[int, tuple[torch.Tensor, dict]] = {}
         self._conds: dict[tuple, dict] = {}
         # With a random crop each epoch sees other pixels, so latents cannot be cached.
@@ -112,8 +117,10 @@ class SampleSource:
         return (caption, tuple(sorted(sizes.items())) if uses_sizes else None)
 
     def _encode_one(self, caption: str, sizes: dict) -> dict:
-        key = cache_key(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1],
-                        model=self.model_hash)
+        parts = dict(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1], model=self.model_hash)
+        if self.text_host:
+            parts["host"] = self.text_host
+        key = cache_key(**parts)
         if self.text_disk:
             hit = self.text_disk.get(key)
             if hit is not None:

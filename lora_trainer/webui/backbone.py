@@ -11,8 +11,8 @@ Layer names come from the model itself: the UNet's LDM module paths under
 `model.diffusion_model`, the text encoder(s) under `cond_stage_model.wrapped` (SD1/SD2) or
 `conditioner.embedders[i].wrapped` (SDXL); `names` turns them into the kohya names of the file.
 
-SD1 is what is tested (against a stand-in here and the real WebUI in tests/webui); SD2/SDXL are
-described as data in `names.LAYOUTS` and follow the same code paths, untested on real models yet.
+The families differ only in data (`names.LAYOUTS`); SD1, SDXL and SD2 (v-prediction) are tested
+in the real WebUI (tests/webui), SD1 also against a stand-in (tests/test_webui_backbone.py).
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from torch import nn
 
 from ..backbones.families import FAMILIES, SD2_V
 from ..lora.targets import TEXT, LoraTarget
-from .names import (LAYOUTS, LayerName, NameTable, family_of, ldm_unet_role, resolve_in_webui,
-                    text_encoder_kohya_name, text_encoder_webui_name, unet_kohya_name, unet_webui_name)
+from .names import (LAYOUTS, LayerName, NameTable, family_of, ldm_unet_role, open_clip_layer_index,
+                    resolve_in_webui, text_encoder_kohya_name, text_encoder_webui_name, unet_kohya_name,
+                    unet_webui_name)
 
 log = logging.getLogger("lora_trainer")
 
@@ -242,13 +243,34 @@ class WebuiBackbone:
         for size in dict.fromkeys(targets):
             idx = [i for i, t in enumerate(targets) if t == size]
             height, width = size
-            cond = self.model.get_learned_conditioning(
-                self._prompts([captions[i] for i in idx], width=width, height=height))
+            with self._text_embedders_record_gradients():
+                cond = self.model.get_learned_conditioning(
+                    self._prompts([captions[i] for i in idx], width=width, height=height))
             for key, value in cond.items():
                 out.setdefault(key, []).append(value if key != "crossattn" else self._first_chunk(value))
             order.extend(idx)
         inverse = torch.argsort(torch.tensor(order))
         return {k: torch.cat(v)[inverse.to(v[0].device)] for k, v in out.items()}
+
+    @contextlib.contextmanager
+    def _text_embedders_record_gradients(self):
+        """SGM's GeneralConditioner (SDXL) runs every embedder whose `is_trainable` is False -- all
+        of them in an inference config -- under `torch.no_grad()`, so text-encoder LoRA layers would
+        never get a gradient. While autograd is recording, the text embedders are marked trainable
+        (their weights stay frozen: only the adapters require grad); put back afterwards."""
+        changed = []
+        if torch.is_grad_enabled():
+            for encoder in self.layout.text_encoders:
+                path = encoder.root[:-len(".wrapped")] if encoder.root.endswith(".wrapped") else encoder.root
+                embedder = get_path(self.model, path)
+                if embedder is not None and getattr(embedder, "is_trainable", None) is False:
+                    embedder.is_trainable = True
+                    changed.append(embedder)
+        try:
+            yield
+        finally:
+            for embedder in changed:
+                embedder.is_trainable = False
 
     def predict(self, noisy_latents, timesteps, cond) -> torch.Tensor:
         x = noisy_latents.to(self.device, self.dtype)
@@ -326,12 +348,15 @@ class WebuiBackbone:
                         "LDM-style kohya names", len(misfits), misfits[0])
         unresolved = []
         for encoder, root in self._text_encoder_roots():
+            run_layers = self._run_text_layers(encoder, root)
             for path, module in root.named_modules():
                 if not isinstance(module, nn.Linear):
                     continue
                 kohya = text_encoder_kohya_name(path, encoder)
                 if kohya is None:
                     continue
+                if run_layers is not None and open_clip_layer_index(path) >= run_layers:
+                    continue   # never run (SD2's last resblock): no gradient, not a kohya layer
                 webui = text_encoder_webui_name(path, encoder)
                 if resolve_in_webui(kohya, webui_names, self.layout) != webui:
                     unresolved.append(kohya)
@@ -341,6 +366,16 @@ class WebuiBackbone:
             log.warning("%d text-encoder layers would not be found by this WebUI under their kohya names "
                         "(e.g. %s); other tools load them", len(unresolved), unresolved[0])
         return layers
+
+    @staticmethod
+    def _run_text_layers(encoder, root) -> int | None:
+        """How many resblocks an encoder that stops at its `layer_idx` runs (None: all of them)."""
+        if not encoder.stops_at_layer_idx:
+            return None
+        resblocks = get_path(root, "model.transformer.resblocks")
+        if resblocks is None:
+            return None
+        return len(resblocks) - int(getattr(root, "layer_idx", 0) or 0)
 
     def lora_targets(self) -> list[LoraTarget]:
         """Every LoRA-able layer of the loaded model, in kohya-name order."""

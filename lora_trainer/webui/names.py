@@ -38,6 +38,11 @@ class TextEncoderLayout:
     root: str           # attribute path from the WebUI model to the module the WebUI names layers in
     webui_prefix: str   # "" (SD1/SD2) or "0_" / "1_" (SDXL embedders)
     style: str          # "hf_clip" (transformers CLIPTextModel) | "open_clip"
+    # LDM's FrozenOpenCLIPEmbedder (SD2) runs its resblocks only up to `len - layer_idx` (with
+    # "penultimate", all but the last): the layers after it are never run, get no gradient and are
+    # not targets (diffusers' SD2 text encoder, the headless trainer's, does not have them either).
+    # SGM's FrozenOpenCLIPEmbedder2 (SDXL) runs them all for its pooled output.
+    stops_at_layer_idx: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ LAYOUTS = {
                        (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "hf_clip"),),
                        conditioning_uses_sizes=False, webui_is_sd2=False),
     "sd2": WebuiLayout("sd2", "diffusers",
-                       (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "open_clip"),),
+                       (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "open_clip",
+                                          stops_at_layer_idx=True),),
                        conditioning_uses_sizes=False, webui_is_sd2=True),
     "sdxl": WebuiLayout("sdxl", "ldm",
                         (TextEncoderLayout("te1", "lora_te1", "conditioner.embedders.0.wrapped", "0_", "hf_clip"),
@@ -132,6 +138,12 @@ def text_encoder_kohya_name(path: str, encoder: TextEncoderLayout) -> str | None
     if not m:
         return None
     return f"{encoder.kohya_prefix}_text_model_encoder_layers_{m.group(1)}_mlp_{_OPEN_CLIP_TO_HF[m.group(2)]}"
+
+
+def open_clip_layer_index(path: str) -> int | None:
+    """The resblock index of an OpenCLIP text-encoder MLP layer (`model.transformer.resblocks.3.mlp.c_fc`)."""
+    m = _OPEN_CLIP_MLP.match(path)
+    return int(m.group(1)) if m else None
 
 
 def text_encoder_webui_name(path: str, encoder: TextEncoderLayout) -> str:
