@@ -71,14 +71,16 @@ def check_compatible(state: dict, trainer, force: bool) -> list[str]:
     if problems:
         raise ResumeRefused("cannot resume: these changes make the checkpoint unusable:\n  - "
                             + "\n  - ".join(problems)
-                            + "\nStart a new run instead: --no-resume on the command line, or resume: false "
-                              "in the config / the tab (the old run folder is kept).")
+                            + "\nStart a new run instead: --no-resume on the command line, resume: false in "
+                              "the config, or the tab's Resume box off (or another output name); the old "
+                              "run folder is kept.")
     if forced and not force:
         raise ResumeRefused("refusing to resume because these changed since the checkpoint:\n  - "
                             + "\n  - ".join(forced)
-                            + "\nTo continue with the new values: --force-resume on the command line "
-                              "(force_resume in the WebUI's JSON API). To start over: --no-resume, or "
-                              "resume: false in the config / the tab.")
+                            + "\nTo continue with the new values: --force-resume on the command line, the "
+                              "tab's 'Continue the run with changed settings' box, or \"force_resume\": true "
+                              "in the WebUI's JSON API. To start over: --no-resume, resume: false in the "
+                              "config, or the tab's Resume box off.")
     return [f"continuing with changed {x}" for x in forced] + [f"changed {x}" for x in notes]
 
 

@@ -155,7 +155,8 @@ class Trainer:
             raise resume_mod.ResumeRefused(
                 f"the checkpoint takes {saved} batches per step, which {self.dist.world_size} processes "
                 "cannot share evenly; set gradient_accumulation_steps so that gradient_accumulation_steps "
-                f"x processes = {saved}, and use --force-resume")
+                f"x processes = {saved}, and force the resume (--force-resume; in the tab 'Continue "
+                "the run with changed settings')")
         self.plan = dataclasses.replace(self.plan, accumulation=saved)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.lr_scheduler, self.cfg.lr_warmup_steps,
                                          self.plan.total_steps)
@@ -210,7 +211,9 @@ class Trainer:
         total = self.plan.total_steps
         if resumed and self.position.global_step >= total:
             msg = (f"This run already finished at step {self.position.global_step}; the LoRA is "
-                   f"{self.lora_path}. Use --no-resume to train again.")
+                   f"{self.lora_path}. To train it further, raise max_train_steps (or epochs) and "
+                   "force the resume (--force-resume; in the tab 'Continue the run with changed "
+                   "settings'); to train again from scratch, turn resume off (--no-resume).")
             self.say(msg)
             return self._result("already_finished", msg)
         self._describe_data()

@@ -173,6 +173,11 @@ class _TabBuilder:
             self.preview_now_btn = compat.make(gr.Button, value="Preview now",
                                                elem_id="lora_trainer_btn_preview_now")
             self.check_btn = compat.make(gr.Button, value="Check dataset", elem_id="lora_trainer_btn_check_data")
+        # the CLI's --force-resume: Start continues the run in run_dir even though settings that
+        # change the training changed (more steps, another learning rate, edited captions)
+        self.force_resume = compat.make(gr.Checkbox, value=False, label="Continue the run with changed "
+                                        "settings (force resume, e.g. more steps)",
+                                        elem_id="lora_trainer_force_resume")
         self.progress = compat.make(gr.HTML, value=views.progress_html(self.worker.snapshot()),
                                     elem_id="lora_trainer_progress")
         self.plot = compat.line_plot(value=None, x="step", y="loss", title="Training loss",
@@ -232,7 +237,7 @@ class _TabBuilder:
     def _wire(self, gr, blocks) -> None:
         inputs = self.form.inputs
         quiet = {"show_progress": "hidden"}
-        self.start_btn.click(self.on_start, inputs, [self.message], **quiet)
+        self.start_btn.click(self.on_start, [*inputs, self.force_resume], [self.message], **quiet)
         self.stop_btn.click(self.on_stop, None, [self.message], **quiet)
         self.save_now_btn.click(self.on_save_now, None, [self.message], **quiet)
         self.preview_now_btn.click(self.on_preview_now, None, [self.message], **quiet)
@@ -340,10 +345,12 @@ class _TabBuilder:
 
     # ---- handlers -----------------------------------------------------------------------------
     def on_start(self, *values):
+        """Inputs: the form's values, then the force-resume checkbox."""
+        *values, force_resume = values
         cfg, problem = self._config(values)
         if problem:
             return problem
-        started, text = self.worker.start(cfg)
+        started, text = self.worker.start(cfg, force_resume=bool(force_resume))
         return views.message_html(text, "info" if started else "warn")
 
     def on_stop(self):

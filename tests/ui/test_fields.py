@@ -183,6 +183,32 @@ def test_run_to_resume_lists_names_and_resumes_their_folders(tmp_path, paths):
     assert builder._run_label(elsewhere, folder) == elsewhere == builder._run_dir_of(elsewhere, folder)
 
 
+def test_start_with_force_resume_continues_a_run_with_more_steps(tmp_path, paths):
+    """The tab's 'Continue the run with changed settings' box is the CLI's --force-resume: more
+    steps for a finished run are refused without it (the message names the box) and continue
+    the same run with it."""
+    from lora_trainer.ui.tab import TabSettings, _TabBuilder
+    from lora_trainer.ui.worker import default_trainer
+
+    builder = _TabBuilder(TabSettings(base_dir=tmp_path), TrainingWorker(default_trainer), {})
+    builder.build()
+
+    def start(force: bool, **values):
+        cfg = config_from_dict(dict(paths, output_name="more", epochs=10, resolution=64, lora_rank=4,
+                                    save_steps=0, num_threads=1, cache_latents_to_disk=False, **values),
+                               base_dir=tmp_path)
+        builder.on_start(*fields.config_to_values(cfg, builder.form.names), force)
+        assert builder.worker.join(120)
+        return builder.worker.snapshot()
+
+    assert (start(False, max_train_steps=2).status, builder.worker.snapshot().step) == ("finished", 2)
+    refused = start(False, max_train_steps=3)
+    assert refused.status == "error" and "Continue the run with changed settings" in refused.error
+    forced = start(True, max_train_steps=3)
+    assert (forced.status, forced.step) == ("finished", 3)
+    assert "run resumed at step 2 of 3" in (tmp_path / "runs" / "more" / "logs" / "train.log").read_text()
+
+
 def test_resume_config_of_a_webui_run_without_base_model(tmp_path, paths):
     """A run the WebUI tab started records `base_model: ''` (it trains the loaded model); the Runs
     list's Resume must read that back, not refuse it as an empty path."""
