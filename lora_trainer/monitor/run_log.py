@@ -19,10 +19,13 @@ from . import system
 
 log = logging.getLogger("lora_trainer.run")
 FILE_ONLY = {"file_only": True}   # the console has its progress bar; these lines are for the file
+# the periodic "step n/N … loss … it/s" line: file-only on the console, but the tab's log tail,
+# which has no progress bar of text, shows it
+PROGRESS_LINE = {"file_only": True, "progress_line": True}
 
 
-def _info(text: str, *args) -> None:
-    log.info(text, *args, extra=FILE_ONLY)
+def _info(text: str, *args, extra=FILE_ONLY) -> None:
+    log.info(text, *args, extra=extra)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -99,7 +102,7 @@ class RunLog(TrainingObserver):
               "ETA %s | memory %s%s", report.step, report.total_steps, report.epoch, report.loss,
               len(self._window_losses), mean_loss, report.lr, grad, steps_per_s,
               report.samples / max(report.seconds, 1e-9), format_duration(eta),
-              system.format_memory(system.device_memory(self.device)), gpu)
+              system.format_memory(system.device_memory(self.device)), gpu, extra=PROGRESS_LINE)
         self._window_start, self._window_steps, self._window_losses = now, 0, []
         self._logged_once = True
 

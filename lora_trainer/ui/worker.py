@@ -91,13 +91,17 @@ class _State:
 
 
 class _LogCapture(logging.Handler):
-    """The trainer's log lines (message only, never a stack) for the page's log tail."""
+    """The trainer's log lines (message only, never a stack) for the page's log tail: what the
+    console shows, plus the periodic step lines; not the train.log-only records (the effective
+    config, environment, "event …" lines)."""
 
     def __init__(self, worker: "TrainingWorker"):
         super().__init__(level=logging.INFO)
         self.worker = worker
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "file_only", False) and not getattr(record, "progress_line", False):
+            return
         try:
             text = record.getMessage()
         except Exception:  # a bad format string must not break training

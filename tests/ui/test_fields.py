@@ -326,6 +326,26 @@ def test_worker_runs_one_training_at_a_time(tmp_path, paths):
     assert views.result_values(snap)[1] == "<lora:x:0.7>"
 
 
+def test_log_tail_shows_console_and_step_lines_not_train_log_internals(tmp_path, paths):
+    import logging
+
+    from lora_trainer.monitor import run_log
+
+    def trainer(cfg, control, observers, force_resume=False):
+        logging.getLogger("lora_trainer").info("Previews at step 2: 1 prompt(s)")
+        run_log._info("event checkpoint: step %d -> %s", 2, "ckpt")
+        run_log._info("effective config:\n%s", "a: 1")
+        run_log._info("step %d/%d loss %.3f", 2, 4, 0.5, extra=run_log.PROGRESS_LINE)
+        raise RuntimeError("stop here")
+
+    worker = TrainingWorker(trainer)
+    worker.start(config_from_dict(paths, base_dir=tmp_path))
+    assert worker.join(10)
+    lines = worker.snapshot().log_lines
+    assert "Previews at step 2: 1 prompt(s)" in lines and "step 2/4 loss 0.500" in lines
+    assert not any(line.startswith(("event ", "effective config")) for line in lines), lines
+
+
 def test_worker_shows_errors_as_a_message(tmp_path, paths):
     def trainer(cfg, control, observers, force_resume=False):
         raise RuntimeError("the model exploded")
