@@ -183,7 +183,7 @@ def test_captions_are_encoded_before_the_first_step_and_change_nothing(make_conf
                         lambda self, *a, **k: events.append("text") or encode_text(self, *a, **k))
     monkeypatch.setattr(DiffusersBackbone, "predict",
                         lambda self, *a, **k: events.append("unet") or predict(self, *a, **k))
-    values = dict(epochs=2, caption_dropout_rate=0.3, cache_latents_to_disk=False)
+    values = dict(epochs=2, caption_dropout_rate=0.3, cache_latents_to_disk=False, write_card=False)
     early = train_from_config(load_config(make_config("early", **values)))
     assert "unet" in events and "text" not in events[events.index("unet"):]
     assert events.count("text") == 7                       # 6 captions and the dropped one ("")

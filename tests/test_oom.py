@@ -76,6 +76,7 @@ def train_log(cfg) -> str:
 
 
 def train_recording(make_config, monkeypatch, name, should_fail, **values):
+    values.setdefault("write_card", False)    # no card thumbnail render: only training's predicts
     cfg = load_config(make_config(name, epochs=1, max_train_steps=3, tensorboard=False, **values))
     seen = StepSamples(monkeypatch)
     run_out_of_memory(monkeypatch, should_fail, torch.OutOfMemoryError("CUDA out of memory. Tried to "
@@ -171,7 +172,7 @@ def test_the_failed_attempt_is_freed_before_retrying(make_config, monkeypatch):
         alive_when_freeing.append(held[-1]() is not None)
     monkeypatch.setattr(oom, "free_device_memory", spy_free)
 
-    train_from_config(load_config(make_config("freed", batch_size=2, max_train_steps=1)))
+    train_from_config(load_config(make_config("freed", batch_size=2, max_train_steps=1, write_card=False)))
     assert alive_when_freeing == [False]
 
 

@@ -392,3 +392,24 @@ def test_samplers_land_on_the_oracle_x0(sampler, prediction_type):
     out = sample_latents(oracle, cond, cond, settings)
     assert torch.equal(torch.get_rng_state(), rng)
     assert (out - x0).abs().max() <= 1e-4
+
+
+def test_a_run_without_preview_prompts_renders_one_card_thumbnail_at_the_end(make_config, tmp_path):
+    """write_card on, no preview prompts: one render when the run finishes, of the trained LoRA at
+    the card's weight with the trigger word; none before the first step or every N steps."""
+    from lora_trainer.training.session import train_from_config
+
+    cfg = load_config(make_config("thumb", trigger_word="lt_demo", max_train_steps=3, epochs=1,
+                                  preview_every_n_steps=1, preview_steps=2, learning_rate=5e-2))
+    result = train_from_config(cfg)
+    folder = Path(cfg.run_dir) / "previews"
+    assert sorted(p.name for p in folder.iterdir()) == ["000003"]
+    final = folder / "000003" / "0.png"
+    assert "lt_demo, <lora:test_lora:0.7>" in Image.open(final).info["parameters"]
+    card = Path(result.lora_path).with_suffix(".preview.png")
+    assert np.array_equal(np.asarray(Image.open(card).convert("RGB")), np.asarray(Image.open(final).convert("RGB")))
+
+    off = load_config(make_config("nothumb", max_train_steps=2, epochs=1, write_card=False))
+    result = train_from_config(off)
+    assert not Path(result.lora_path).with_suffix(".preview.png").exists()
+    assert not (Path(off.run_dir) / "previews").exists()

@@ -219,6 +219,6 @@ def test_snapshots_land_next_to_the_lora_and_state_stays_out_of_it(make_config):
     names = sorted(p.name for p in lora_dir.iterdir())
     assert names == ["test_lora-000002.safetensors", "test_lora-000004.safetensors",
                      "test_lora-000006.safetensors", "test_lora-000008.safetensors", "test_lora.json",
-                     "test_lora.safetensors"]   # test_lora.json: the WebUI card (write_card)
+                     "test_lora.preview.png", "test_lora.safetensors"]   # the WebUI card (write_card)
     assert read_lora_file(lora_dir / "test_lora-000004.safetensors")[1]["ss_output_name"] == "test_lora-000004"
     assert not result.run_dir.is_relative_to(lora_dir)

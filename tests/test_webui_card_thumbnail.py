@@ -1,4 +1,4 @@
-"""The Lora card thumbnail of a WebUI run without preview prompts (lora_trainer.webui.card_thumbnail),
+"""The Lora card thumbnail of a WebUI run without preview prompts (lora_trainer.preview.card_thumbnail),
 against the stand-in model and the stand-in of `modules.processing` (tests/webui_standin.py); the
 same in the real WebUI: tests/webui/test_real_webui_browser.py."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 
 from lora_trainer.config import load_config
 from lora_trainer.webui import job
-from lora_trainer.webui.card_thumbnail import CardThumbnailPreviewer
+from lora_trainer.preview.card_thumbnail import CardThumbnail
 
 sys.path.insert(0, str(Path(__file__).parent))
 from webui_standin import StandInSD1, make_networks_standin, processing_with_txt2img, standin_env  # noqa: E402
@@ -35,7 +35,7 @@ def cfg_for(make_config, tmp_path, env, name, **values):
 
 def test_no_preview_prompts_one_render_at_the_end_for_the_card(make_config, tmp_path, env):
     cfg = cfg_for(make_config, tmp_path, env, "plain", trigger_word="lt_demo", preview_every_n_steps=1)
-    assert isinstance(job.webui_previewer(cfg, env), CardThumbnailPreviewer)
+    assert isinstance(job.webui_previewer(cfg, env), CardThumbnail)
     env.processing.seen.clear()
     result = job.train_on_loaded_model(cfg, env=env)
     assert result.status == "finished"

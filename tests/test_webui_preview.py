@@ -125,14 +125,19 @@ def test_the_untrained_lora_is_left_out_of_the_first_preview(make_config, tmp_pa
     assert lora.read_bytes() != old_lora and card.read_bytes() != old_card
 
 
-def test_previewer_restores_everything_when_rendering_fails(make_config, tmp_path, env, standin):
+def test_previewer_restores_everything_when_rendering_fails(make_config, tmp_path, env, standin, capsys):
     def boom(p):
         env.networks.merge_file(Path(env.cmd_opts.lora_dir) / "broken.safetensors", 1.0)
     cfg = cfg_for(make_config, tmp_path, env, "broken", preview_every_n_steps=1, preview_prompts=PROMPTS)
     env.processing.process_images = boom      # the file is not there: raises mid-preview
     clean = {k: v.detach().clone() for k, v in standin.state_dict().items()}
-    with pytest.raises(Exception):
-        job.train_on_loaded_model(cfg, env=env)
+    result = job.train_on_loaded_model(cfg, env=env)
+    assert result.status == "finished"                    # a preview failure costs its images only
+    said = capsys.readouterr().out                        # the job logs to the WebUI's console
+    assert "Previews at step 0 failed (LoraFileError" in said and "training goes on" in said
+    plain = job.train_on_loaded_model(cfg_for(make_config, tmp_path, env, "unbroken"), env=env)
+    a, b = read_lora_file(result.lora_path)[0], read_lora_file(plain.lora_path)[0]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []   # and changes nothing in training
     after = standin.state_dict()
     assert [k for k in clean if not torch.equal(clean[k], after[k])] == []
     assert not any(host.has_adapters(m) for m in standin.modules())

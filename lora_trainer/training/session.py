@@ -17,6 +17,7 @@ from ..datatools.checks import check_before_training
 from ..monitor.logfile import attach_run_log
 from ..monitor.run_log import run_monitors
 from ..preview.cards import CardWriter
+from ..preview.card_thumbnail import CardThumbnail
 from ..preview.engine import Previewer
 from .control import TrainingControl
 from .distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
@@ -83,6 +84,8 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
                 write_effective_config(cfg, run_dir)
             if previewer is None and cfg.preview_prompts:
                 previewer = Previewer(cfg)   # parses prompts and finds named LoRAs: fails early
+            elif previewer is None and cfg.write_card:   # no prompts: one render for the card
+                previewer = CardThumbnail(cfg, lambda prompts: Previewer(cfg, prompts=prompts))
             if cfg.write_card and dist.is_main:
                 observers = [*observers, CardWriter(cfg, backbone, index)]
             monitoring = run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([])

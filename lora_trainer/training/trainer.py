@@ -357,8 +357,21 @@ class Trainer:
             self.say(note)
 
     def _preview(self) -> None:
-        paths = self.previewer.render(self, self.position.global_step)
-        self.observer.on_preview(self.position.global_step, paths)
+        """Render previews. A failing preview (out of memory at the preview size, a LoRA file a
+        prompt names was deleted, a WebUI error) costs its images, never the run: the previewers
+        put the model and the RNG back whatever happens, and hours of training go on."""
+        step = self.position.global_step
+        try:
+            paths = self.previewer.render(self, step)
+        except Exception as error:   # noqa: BLE001 - see the docstring
+            if is_out_of_memory(error):
+                release_failed_step(error, self.backbone.device)
+            message = f"Previews at step {step} failed ({type(error).__name__}: {error}); training goes on."
+            log.warning(message)
+            log.warning("the preview failure's stack", exc_info=True, extra={"file_only": True})
+            self.observer.on_message(message)
+            return
+        self.observer.on_preview(step, paths)
 
     def _finish(self) -> TrainResult:
         step, total = self.position.global_step, self.plan.total_steps

@@ -129,15 +129,17 @@ def webui_previewer(cfg, env: WebuiEnv):
     """Previews through the WebUI's own txt2img (process_images), when there are preview prompts
     and the WebUI's processing module is at hand; None otherwise (run_training then uses the
     project's own previewer on the WebUI backbone, if prompts are set). Without preview prompts
-    but with write_card, one render at the end for the Lora card's thumbnail (card_thumbnail)."""
+    but with write_card, one render at the end for the Lora card's thumbnail
+    (preview.card_thumbnail)."""
     processing = env.processing
     if not hasattr(processing, "process_images") or not hasattr(processing, "StableDiffusionProcessingTxt2Img"):
         return None
     if not cfg.preview_prompts:
         if not cfg.write_card:
             return None
-        from .card_thumbnail import CardThumbnailPreviewer
-        return CardThumbnailPreviewer(cfg, env)
+        from ..preview.card_thumbnail import CardThumbnail
+        from .preview import WebuiPreviewer
+        return CardThumbnail(cfg, lambda prompts: WebuiPreviewer(cfg, env, prompts=prompts))
     from .preview import WebuiPreviewer
     return WebuiPreviewer(cfg, env)
 
