@@ -21,13 +21,12 @@ import yaml
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = os.environ.get("LORA_TRAINER_CHROMIUM", "/usr/bin/chromium")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from tab_page import (TRAIN_TIMEOUT_MS, box, click, fill, launch, message, progress,  # noqa: E402
+                      screenshots_folder, skip_without_chromium, wait_status)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+skip_without_chromium()
 START_TIMEOUT_S = 90
-TRAIN_TIMEOUT_MS = 120_000
 
 
 def _free_port() -> int:
@@ -38,10 +37,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = os.environ.get("LORA_TRAINER_UI_SCREENSHOTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("ui_screenshots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return screenshots_folder(tmp_path_factory, "ui_screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +74,7 @@ def app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(app):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = launch(p)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         try:
             context.grant_permissions(["clipboard-read", "clipboard-write"], origin=app["url"].rstrip("/"))
@@ -93,47 +89,6 @@ def page(app):
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def box(page, field: str):
-    """The input of a form field (gradio renders text as <input> or <textarea>)."""
-    return page.locator(f"#lora_trainer_{field}").first.locator("textarea, input").first
-
-
-def fill(page, **values) -> None:
-    for field, value in values.items():
-        target = box(page, field)
-        target.fill(str(value))
-        target.dispatch_event("blur")
-
-
-def set_checkbox(page, field: str, on: bool) -> None:
-    target = page.locator(f"#lora_trainer_{field} input[type=checkbox]").first
-    if target.is_checked() != on:
-        target.click()
-
-
-def click(page, button: str) -> None:
-    page.locator(f"#lora_trainer_btn_{button}").first.click()
-
-
-def message(page):
-    return page.locator("#lora_trainer_message").last
-
-
-def progress(page):
-    return page.locator("#lora_trainer_progress .lora-trainer-progress").first
-
-
-def wait_status(page, run: str, *statuses: str, timeout: int = TRAIN_TIMEOUT_MS) -> dict:
-    """Wait until the live view shows run `run` in one of `statuses`."""
-    sync_api.expect(progress(page)).to_have_attribute("data-run", run, timeout=timeout)
-    wanted = "|".join(statuses)
-    sync_api.expect(progress(page)).to_have_attribute("data-status", re.compile(f"^({wanted})$"),
-                                                      timeout=timeout)
-    element = progress(page)
-    return {"status": element.get_attribute("data-status"), "step": int(element.get_attribute("data-step")),
-            "total": int(element.get_attribute("data-total"))}
-
 
 def base_form(page, tiny_sd1, shapes_dataset, app, name: str, **extra) -> None:
     values = dict(train_data_dir=shapes_dataset, base_model=tiny_sd1["single_file"], resolution=64,

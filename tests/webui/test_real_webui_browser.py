@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -32,11 +32,11 @@ from webui_harness import SKIP_REASON, WEBUI_DIR, http
 pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON)
 
 sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = os.environ.get("LORA_TRAINER_CHROMIUM", "/usr/bin/chromium")
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-TRAIN_TIMEOUT_MS = 180_000
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from tab_page import (TRAIN_TIMEOUT_MS, box, fill, launch, message, progress,  # noqa: E402
+                      screenshots_folder, skip_without_chromium, wait_status)
+
+skip_without_chromium()
 
 PROMPT = "lt_demo, a red circle"
 # what the previews and the API txt2img below share (the tab's preview_* fields)
@@ -48,10 +48,7 @@ PREVIEW = dict(preview_steps=4, preview_width=64, preview_height=64, preview_see
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    folder = os.environ.get("LORA_TRAINER_UI_SCREENSHOTS")
-    path = Path(folder) if folder else tmp_path_factory.mktemp("webui_screenshots")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return screenshots_folder(tmp_path_factory, "webui_screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +72,7 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(site):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = launch(p)
         context = browser.new_context(viewport={"width": 1500, "height": 1100})
         page = context.new_page()
         page.set_default_timeout(60_000)
@@ -107,34 +104,6 @@ def open_train_tab(page) -> None:
     top_tab(page, "Train LoRA").click()
     sync_api.expect(page.locator("#tab_lora_trainer")).to_be_visible()
     sync_api.expect(page.locator("#lora_trainer_btn_start")).to_be_visible()
-
-
-def box(page, field: str):
-    return page.locator(f"#lora_trainer_{field}").first.locator("textarea, input").first
-
-
-def fill(page, **values) -> None:
-    for field, value in values.items():
-        target = box(page, field)
-        target.fill(str(value))
-        target.dispatch_event("blur")
-
-
-def progress(page):
-    return page.locator("#lora_trainer_progress .lora-trainer-progress").first
-
-
-def message(page):
-    return page.locator("#lora_trainer_message").last
-
-
-def wait_status(page, run: str, *statuses: str, timeout: int = TRAIN_TIMEOUT_MS) -> dict:
-    sync_api.expect(progress(page)).to_have_attribute("data-run", run, timeout=timeout)
-    sync_api.expect(progress(page)).to_have_attribute("data-status", re.compile(f"^({'|'.join(statuses)})$"),
-                                                      timeout=timeout)
-    element = progress(page)
-    return {"status": element.get_attribute("data-status"), "step": int(element.get_attribute("data-step")),
-            "total": int(element.get_attribute("data-total")), "text": element.inner_text()}
 
 
 def train_form(page, site, name: str, **extra) -> None:
