@@ -15,15 +15,12 @@ from lora_trainer.webui import job
 from lora_trainer.preview.card_thumbnail import CardThumbnail
 
 sys.path.insert(0, str(Path(__file__).parent))
-from webui_standin import StandInSD1, make_networks_standin, processing_with_txt2img, standin_env  # noqa: E402
+from webui_standin import StandInSD1, txt2img_env  # noqa: E402
 
 
 @pytest.fixture
 def env(tiny_sd1, tmp_path):
-    standin = StandInSD1(tiny_sd1["single_file"])
-    lora_dir = tmp_path / "models" / "Lora"
-    networks = make_networks_standin(standin)
-    return standin_env(standin, lora_dir, networks, processing_with_txt2img(standin, networks, lora_dir))
+    return txt2img_env(StandInSD1(tiny_sd1["single_file"]), tmp_path / "models" / "Lora")
 
 
 def cfg_for(make_config, tmp_path, env, name, **values):

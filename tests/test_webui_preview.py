@@ -20,8 +20,7 @@ from lora_trainer.webui import job
 from lora_trainer.webui.preview import WebuiPreviewer, webui_sampler_name
 
 sys.path.insert(0, str(Path(__file__).parent))
-from webui_standin import (StandInSD1, make_networks_standin, processing_with_txt2img,  # noqa: E402
-                           standin_env)
+from webui_standin import StandInSD1, txt2img_env  # noqa: E402
 
 PROMPTS = ["lt_demo, a red circle", "lt_demo, a red circle <lora:{name}:1>"]
 
@@ -33,9 +32,7 @@ def standin(tiny_sd1):
 
 @pytest.fixture
 def env(standin, tmp_path):
-    lora_dir = tmp_path / "models" / "Lora"
-    networks = make_networks_standin(standin)
-    return standin_env(standin, lora_dir, networks, processing_with_txt2img(standin, networks, lora_dir))
+    return txt2img_env(standin, tmp_path / "models" / "Lora")
 
 
 def cfg_for(make_config, tmp_path, env, name, **values):

@@ -312,3 +312,10 @@ def standin_env(model, lora_dir: Path, networks=None, processing=None):
                     cmd_opts=types.SimpleNamespace(lowvram=False, medvram=False, lora_dir=str(lora_dir)),
                     opts=types.SimpleNamespace(CLIP_stop_at_last_layers=1),
                     models_path=str(lora_dir.parent))
+
+
+def txt2img_env(model, lora_dir: Path):
+    """standin_env whose `processing` renders txt2img and applies `<lora:…>` from `lora_dir` the way
+    the Lora extension does (for the WebUI previewers)."""
+    networks = make_networks_standin(model)
+    return standin_env(model, lora_dir, networks, processing_with_txt2img(model, networks, lora_dir))
