@@ -120,7 +120,13 @@ def test_sd2_and_sdxl_names_resolve_in_the_webui():
     te = sd2.text_encoders[0]
     assert names.text_encoder_kohya_name("model.transformer.resblocks.3.mlp.c_fc", te) == \
         "lora_te_text_model_encoder_layers_3_mlp_fc1"
+    # the attention's out_proj Linear is not a target of its own (MultiheadAttention uses its weight
+    # directly): the attention's four projections are (lora.mha), under transformers' CLIP names
     assert names.text_encoder_kohya_name("model.transformer.resblocks.3.attn.out_proj", te) is None
+    assert names.open_clip_attention_kohya_names("model.transformer.resblocks.3.attn", te) == {
+        s: f"lora_te_text_model_encoder_layers_3_self_attn_{s}_proj" for s in ("q", "k", "v", "out")}
+    assert names.open_clip_attention_kohya_names("transformer.text_model.encoder.layers.0.self_attn",
+                                                 sdxl.text_encoders[0]) is None
     webui = {"model_transformer_resblocks_3_mlp_c_fc", "model_transformer_resblocks_3_mlp_c_proj"}
     assert names.resolve_in_webui("lora_te_text_model_encoder_layers_3_mlp_fc2", webui, sd2) == \
         "model_transformer_resblocks_3_mlp_c_proj"

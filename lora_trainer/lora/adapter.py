@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .host import LinearSlot
+
 
 class LoRAAdapter(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None):
@@ -25,7 +27,7 @@ class LoRAAdapter(nn.Module):
             self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                   dilation=base.dilation, bias=False)
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        elif isinstance(base, nn.Linear):
+        elif isinstance(base, (nn.Linear, LinearSlot)):   # a slot: e.g. MultiheadAttention's q (lora.mha)
             self.down = nn.Linear(base.in_features, rank, bias=False)
             self.up = nn.Linear(rank, base.out_features, bias=False)
         else:
@@ -44,6 +46,11 @@ class LoRAAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.down.weight.dtype
         return self.up(self.down(x.to(dtype))) * (self.multiplier * self.scale)
+
+    def linear_delta(self) -> torch.Tensor:
+        """The Linear weight update at the current multiplier, differentiable: for hosts that add it
+        into a fused weight in their forward (lora.mha)."""
+        return (self.up.weight @ self.down.weight) * (self.multiplier * self.scale)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -4,6 +4,11 @@ The base layer's `forward` is replaced on the *instance* while adapters are atta
 module names, `state_dict()` keys and the WebUI's per-layer bookkeeping stay exactly as they were, so
 the live WebUI model can be trained in place and handed back untouched. Several adapters (from several
 networks) can sit on one layer; that is how previews stack `<lora:a:0.7> <lora:b:0.5>`.
+
+A target is normally the Linear / Conv2d itself (`AdapterHost` adds each adapter's output). A
+`LinearSlot` is a Linear-shaped part of a fused layer instead (the q, k, v or out projection of an
+`nn.MultiheadAttention`, lora.mha): its adapters go to one host per fused layer, of the slot's
+`host_class`, keyed by (network, slot).
 """
 from __future__ import annotations
 
@@ -12,13 +17,32 @@ from torch import nn
 _HOST_ATTR = "_lora_trainer_host"
 
 
+class LinearSlot:
+    """One Linear-shaped projection inside a fused layer: a LoRA target that is not a module of its
+    own. `module` is the layer whose forward `host_class` replaces, `slot` names the part; `weight`
+    is the live (out_features, in_features) weight of that part (a view into the fused weight)."""
+
+    host_class: type = None   # set by the subclass
+
+    def __init__(self, module: nn.Module, slot: str, in_features: int, out_features: int):
+        self.module, self.slot = module, slot
+        self.in_features, self.out_features = in_features, out_features
+
+    @property
+    def weight(self):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.module).__name__}, {self.slot!r})"
+
+
 class AdapterHost:
     def __init__(self, module: nn.Module):
         self.module = module
         # An instance-level forward (someone else's patch) must come back exactly as it was.
         self.previous_instance_forward = module.__dict__.get("forward")
         self.base_forward = module.forward
-        self.adapters: dict[int, nn.Module] = {}  # id(network) -> adapter, in attach order
+        self.adapters: dict = {}  # id(network) (or (id(network), slot)) -> adapter, in attach order
 
     def __call__(self, x, *args, **kwargs):
         y = self.base_forward(x, *args, **kwargs)
@@ -40,22 +64,31 @@ class AdapterHost:
         self.module.__dict__.pop(_HOST_ATTR, None)
 
 
-def add_adapter(module: nn.Module, owner: object, adapter: nn.Module) -> None:
-    host = module.__dict__.get(_HOST_ATTR)
+def _site(target) -> tuple[nn.Module, type, str | None]:
+    """(the module whose forward is replaced, its host class, the slot or None) of a target."""
+    if isinstance(target, LinearSlot):
+        return target.module, target.host_class, target.slot
+    return target, AdapterHost, None
+
+
+def add_adapter(module, owner: object, adapter: nn.Module) -> None:
+    base, host_class, slot = _site(module)
+    host = base.__dict__.get(_HOST_ATTR)
     if host is None:
-        host = AdapterHost(module)
+        host = host_class(base)
         host.install()
-    host.adapters[id(owner)] = adapter
+    host.adapters[id(owner) if slot is None else (id(owner), slot)] = adapter
 
 
-def remove_adapter(module: nn.Module, owner: object) -> None:
-    host = module.__dict__.get(_HOST_ATTR)
+def remove_adapter(module, owner: object) -> None:
+    base, _, slot = _site(module)
+    host = base.__dict__.get(_HOST_ATTR)
     if host is None:
         return
-    host.adapters.pop(id(owner), None)
+    host.adapters.pop(id(owner) if slot is None else (id(owner), slot), None)
     if not host.adapters:
         host.uninstall()
 
 
-def has_adapters(module: nn.Module) -> bool:
-    return _HOST_ATTR in module.__dict__
+def has_adapters(module) -> bool:
+    return _HOST_ATTR in _site(module)[0].__dict__

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from ..backbones.families import FAMILIES, SD2_V
+from ..lora.kohya_names import webui_compvis_name
+from ..lora.mha import mha_projections
 from ..lora.targets import TEXT, LoraTarget
-from .names import (LAYOUTS, LayerName, NameTable, family_of, ldm_unet_role, open_clip_layer_index,
-                    resolve_in_webui, text_encoder_kohya_name, text_encoder_webui_name, unet_kohya_name,
-                    unet_webui_name)
+from .names import (LAYOUTS, LayerName, NameTable, family_of, ldm_unet_role, open_clip_attention_kohya_names,
+                    open_clip_layer_index, resolve_in_webui, text_encoder_kohya_name, text_encoder_webui_name,
+                    unet_kohya_name, unet_webui_name)
 
 log = logging.getLogger("lora_trainer")
 
@@ -350,6 +352,10 @@ class WebuiBackbone:
         for encoder, root in self._text_encoder_roots():
             run_layers = self._run_text_layers(encoder, root)
             for path, module in root.named_modules():
+                if isinstance(module, nn.MultiheadAttention):
+                    layers.extend(self._attention_layers(encoder, path, module, run_layers, webui_names,
+                                                         unresolved))
+                    continue
                 if not isinstance(module, nn.Linear):
                     continue
                 kohya = text_encoder_kohya_name(path, encoder)
@@ -365,6 +371,28 @@ class WebuiBackbone:
         if unresolved:
             log.warning("%d text-encoder layers would not be found by this WebUI under their kohya names "
                         "(e.g. %s); other tools load them", len(unresolved), unresolved[0])
+        return layers
+
+    def _attention_layers(self, encoder, path, module, run_layers, webui_names, unresolved):
+        """The q/k/v/out projections of an OpenCLIP resblock's MultiheadAttention (lora.mha) as four
+        layers, if the WebUI applies them: it finds q/k/v on the attention itself, out on its
+        `out_proj` child, and adds all four into the attention's weights under the converted names."""
+        kohya_names = open_clip_attention_kohya_names(path, encoder)
+        if kohya_names is None or getattr(module, "in_proj_weight", None) is None:
+            return []
+        if run_layers is not None and open_clip_layer_index(path) >= run_layers:
+            return []   # never run (SD2's last resblock)
+        attention = text_encoder_webui_name(path, encoder)
+        layers = []
+        for projection in mha_projections(module):
+            kohya = kohya_names[projection.slot]
+            webui = f"{attention}_{projection.slot}_proj"
+            lands_on = attention + ("_out_proj" if projection.slot == "out" else "")
+            if (resolve_in_webui(kohya, webui_names, self.layout) != lands_on
+                    or webui_compvis_name(kohya, self.layout.webui_is_sd2) != webui):
+                unresolved.append(kohya)
+            layers.append((LayerName(kohya, f"{encoder.root}.{path}.{projection.slot}_proj", webui,
+                                     encoder.component, TEXT), projection))
         return layers
 
     @staticmethod

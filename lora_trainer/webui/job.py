@@ -134,14 +134,13 @@ def webui_previewer(cfg, env: WebuiEnv):
     processing = env.processing
     if not hasattr(processing, "process_images") or not hasattr(processing, "StableDiffusionProcessingTxt2Img"):
         return None
-    if not cfg.preview_prompts:
-        if not cfg.write_card:
-            return None
-        from ..preview.card_thumbnail import CardThumbnail
-        from .preview import WebuiPreviewer
-        return CardThumbnail(cfg, lambda prompts: WebuiPreviewer(cfg, env, prompts=prompts))
     from .preview import WebuiPreviewer
-    return WebuiPreviewer(cfg, env)
+    if cfg.preview_prompts:
+        return WebuiPreviewer(cfg, env)
+    if not cfg.write_card:
+        return None
+    from ..preview.card_thumbnail import CardThumbnail
+    return CardThumbnail(cfg, lambda prompts: WebuiPreviewer(cfg, env, prompts=prompts))
 
 
 # ---- the job --------------------------------------------------------------------------------------------

@@ -12,9 +12,13 @@ choice, kept here as data (`LAYOUTS`):
 - SDXL UNet: kohya's native LDM name (`lora_unet_input_blocks_4_1_proj_in`); the WebUI's SD1-only
   index arithmetic would misplace SDXL up-samplers under diffusers-style names.
 - Text encoders: transformers CLIP names (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`,
-  `lora_te1_…`, `lora_te2_…`). OpenCLIP encoders (SD2, SDXL's second) only expose their MLP as
-  Linear layers (`mlp.c_fc` -> `mlp_fc1`, `mlp.c_proj` -> `mlp_fc2`); their attention is one
-  `nn.MultiheadAttention` that a Linear adapter cannot wrap, so it is not a target.
+  `lora_te1_…`, `lora_te2_…`). OpenCLIP encoders (SD2, SDXL's second) name their MLP
+  `mlp.c_fc` / `mlp.c_proj` (-> `mlp_fc1` / `mlp_fc2`) and have one `nn.MultiheadAttention` per
+  resblock (`attn`): its q, k, v (thirds of `in_proj_weight`) and out projections are four targets
+  (lora.mha) named `self_attn_{q,k,v,out}_proj`, as transformers' CLIP names them. The WebUI finds
+  q/k/v on the attention itself (its `_[qkv]_proj` fallback) and out on its `out_proj` child, keeps
+  each under the converted name (`model_transformer_resblocks_0_attn_q_proj`) and adds all four into
+  the attention's weights: that converted name is the layer's WebUI name here.
 
 Pure python apart from the role check (which looks at the module's type).
 """
@@ -123,6 +127,8 @@ def unet_webui_name(ldm_path: str) -> str:
 # ---- text encoders -----------------------------------------------------------------------------------
 
 _OPEN_CLIP_MLP = re.compile(r"^(?:model\.)?transformer\.resblocks\.(\d+)\.mlp\.(c_fc|c_proj)$")
+_OPEN_CLIP_ATTN = re.compile(r"^(?:model\.)?transformer\.resblocks\.(\d+)\.attn$")
+_OPEN_CLIP_BLOCK = re.compile(r"^(?:model\.)?transformer\.resblocks\.(\d+)\.")
 _OPEN_CLIP_TO_HF = {"c_fc": "fc1", "c_proj": "fc2"}
 
 
@@ -140,9 +146,20 @@ def text_encoder_kohya_name(path: str, encoder: TextEncoderLayout) -> str | None
     return f"{encoder.kohya_prefix}_text_model_encoder_layers_{m.group(1)}_mlp_{_OPEN_CLIP_TO_HF[m.group(2)]}"
 
 
+def open_clip_attention_kohya_names(path: str, encoder: TextEncoderLayout) -> dict[str, str] | None:
+    """{slot: kohya name} of the q/k/v/out projections of an OpenCLIP resblock's attention
+    (`model.transformer.resblocks.3.attn`), or None if `path` is not one."""
+    m = _OPEN_CLIP_ATTN.match(path) if encoder.style == "open_clip" else None
+    if not m:
+        return None
+    return {slot: f"{encoder.kohya_prefix}_text_model_encoder_layers_{m.group(1)}_self_attn_{slot}_proj"
+            for slot in ("q", "k", "v", "out")}
+
+
 def open_clip_layer_index(path: str) -> int | None:
-    """The resblock index of an OpenCLIP text-encoder MLP layer (`model.transformer.resblocks.3.mlp.c_fc`)."""
-    m = _OPEN_CLIP_MLP.match(path)
+    """The resblock index of an OpenCLIP text-encoder layer (`model.transformer.resblocks.3.mlp.c_fc`,
+    `model.transformer.resblocks.3.attn`)."""
+    m = _OPEN_CLIP_BLOCK.match(path + ".")
     return int(m.group(1)) if m else None
 
 
@@ -164,8 +181,10 @@ def resolve_in_webui(kohya: str, webui_layer_names, layout: WebuiLayout) -> str 
 @dataclass(frozen=True)
 class LayerName:
     kohya: str           # name in the LoRA file
-    ldm_path: str        # module path inside the WebUI model, e.g. model.diffusion_model.input_blocks.1.1.proj_in
-    webui: str           # the WebUI's network_layer_name
+    ldm_path: str        # module path inside the WebUI model, e.g. model.diffusion_model.input_blocks.1.1.proj_in;
+                         # a MultiheadAttention projection: the attention's path + .q_proj/.k_proj/.v_proj/.out_proj
+    webui: str           # the WebUI's network_layer_name (an attention projection: the name the
+                         # WebUI keeps it under, `<attention's name>_q_proj`, …)
     component: str       # "unet" | "te" | "te1" | "te2"
     role: str
 

@@ -61,6 +61,58 @@ def app_started(_demo, app):
             return {"prediction_type": backbone.prediction_type, "family": backbone.family.name}
 
 
+    @app.post("/lora_trainer_test_tiny/attention_effect")
+    def attention_effect(payload: dict = Body(...)):
+        # the OpenCLIP attention LoRA (random weights) as training applies it (our MultiheadAttention
+        # adapters attached) and as the WebUI's Lora extension applies the same file, on the caption
+        # conditioning; {max |train - webui|, max |train - base|}
+        from lora_trainer.lora.kohya_file import network_from_tensors, network_tensors, save_lora_file
+        from lora_trainer.webui import lora_state
+        from lora_trainer.webui.backbone import WebuiBackbone
+        from lora_trainer.webui.env import WebuiEnv, lora_extension_module
+
+        with call_queue.queue_lock:
+            env = WebuiEnv.current()
+            networks = lora_extension_module()
+            lora_state.clean_base_weights(env.sd_model, networks)
+            digest = lora_state.combined_digest(lora_state.weight_digests(env.sd_model))
+            backbone = WebuiBackbone(env.sd_model, env, resolution=64)
+            targets = [t for t in backbone.lora_targets()
+                       if t.name.startswith(payload["prefix"]) and "_self_attn_" in t.name]
+            g = torch.Generator().manual_seed(3)
+            tensors = {}
+            for t in targets:
+                tensors[f"{t.name}.lora_down.weight"] = torch.randn(4, t.module.in_features, generator=g) * 0.2
+                tensors[f"{t.name}.lora_up.weight"] = torch.randn(t.module.out_features, 4, generator=g) * 0.2
+                tensors[f"{t.name}.alpha"] = torch.tensor(2.0)
+            network, unmatched = network_from_tensors(targets, tensors)
+            assert not unmatched, unmatched
+            sizes = [{"original": (64, 96), "crop": (0, 0), "target": (64, 96)}] * 2
+            captions = ["lt_demo, a red circle", "a dog"]
+            with torch.no_grad():
+                base = backbone.encode_text(captions, sizes)["crossattn"]
+                network.attach()
+                try:
+                    cond = backbone.encode_text(captions, sizes)
+                finally:
+                    network.detach()
+                trained = cond["crossattn"]
+                save_file({k: v.detach().cpu().contiguous() for k, v in cond.items()}, payload["cond_path"])
+                name = payload["name"]
+                save_lora_file(payload["lora_dir"] + f"/{name}.safetensors", network_tensors(network), {})
+                networks.list_available_networks()
+                networks.load_networks([name], [1.0], [1.0], [None])
+                try:
+                    webui = backbone.encode_text(captions, sizes)["crossattn"]
+                finally:
+                    networks.loaded_networks.clear()
+                    lora_state.clean_base_weights(env.sd_model, networks)
+            return {"layers": len(targets), "train_vs_webui": float((trained - webui).abs().max()),
+                    "train_vs_base": float((trained - base).abs().max()),
+                    "scale": float(trained.abs().max()),
+                    "weights_as_before": lora_state.combined_digest(lora_state.weight_digests(env.sd_model)) == digest}
+
+
 script_callbacks.on_app_started(app_started)
 '''
 
@@ -122,18 +174,12 @@ def probe_against_headless(webui, checkpoint: str, family: str, tmp_path) -> dic
     import torch
     from safetensors.torch import load_file
 
-    from lora_trainer.backbones import tiny
-    from lora_trainer.backbones.diffusers_sd import load_backbone
-
     captions, timesteps = [PROMPT, "a dog"], [50, 900]
     path = tmp_path / "probe.safetensors"
     info = http("POST", webui["url"] + "/lora_trainer_test_tiny/probe",
                 {"path": str(path), "captions": captions, "timesteps": timesteps})
     ours = load_file(path)
-    configs = tmp_path / "configs"
-    tiny.write_config_folder(configs, tiny.build_tiny(family, seed=0, with_tokenizer=False)["configs"])
-    headless = load_backbone(str(webui["data"] / "models" / "Stable-diffusion" / f"{checkpoint}.safetensors"),
-                             str(configs))
+    headless = _headless_backbone(webui, checkpoint, family, tmp_path)
     sizes = [{"original": (64, 96), "crop": (0, 0), "target": (64, 96)}] * 2   # (height, width)
     with torch.no_grad():
         cond = headless.encode_text(captions, sizes)
@@ -152,6 +198,71 @@ def probe_against_headless(webui, checkpoint: str, family: str, tmp_path) -> dic
     report["webui"] = info
     report["headless_prediction_type"] = headless.prediction_type
     return report
+
+
+def headless_layers(webui, checkpoint: str, family: str, tmp_path, **values) -> list[str]:
+    """The layers of the file the headless (CLI) trainer writes for the same checkpoint, data and
+    settings (one step: only the key set is compared)."""
+    from support import write_config
+
+    from lora_trainer.backbones import tiny
+    from lora_trainer.config import load_config
+    from lora_trainer.training.session import train_from_config
+
+    configs = tmp_path / "cli-configs"
+    tiny.write_config_folder(configs, tiny.build_tiny(family, seed=0, with_tokenizer=False)["configs"])
+    config = dict(base_model=str(webui["data"] / "models" / "Stable-diffusion" / f"{checkpoint}.safetensors"),
+                  base_model_config=str(configs), train_data_dir=str(webui["dataset"]), max_train_steps=1,
+                  output_name="cli_lora")
+    config.update(values)
+    result = train_from_config(load_config(write_config(tmp_path / "cli", **config)))
+    return sorted({k.partition(".")[0] for k in lora_tensors(result.lora_path)})
+
+
+def attention_effect(webui, prefix: str, checkpoint: str, family: str, tmp_path) -> dict:
+    """A random LoRA on the OpenCLIP attention layers whose names start with `prefix`: its effect on
+    the caption conditioning as the WebUI job trains it (our MultiheadAttention adapters), as the
+    WebUI's Lora extension applies the file, and as the headless trainer trains the same file (on
+    transformers' CLIP, here): {train_vs_webui, train_vs_headless, train_vs_base, scale, ...}."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_trainer.lora.kohya_file import network_from_tensors
+
+    lora_dir = webui["data"] / "models" / "Lora"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    name = f"attention_effect_{prefix.strip('_')}"
+    cond_path = tmp_path / "attention_cond.safetensors"
+    report = http("POST", webui["url"] + "/lora_trainer_test_tiny/attention_effect",
+                  {"prefix": prefix, "name": name, "lora_dir": str(lora_dir), "cond_path": str(cond_path)})
+    ours = load_file(cond_path)
+    headless = _headless_backbone(webui, checkpoint, family, tmp_path)
+    network, unmatched = network_from_tensors(headless.lora_targets(), lora_tensors(lora_dir / f"{name}.safetensors"))
+    assert unmatched == [] and len(network.adapters) == report["layers"], unmatched
+    sizes = [{"original": (64, 96), "crop": (0, 0), "target": (64, 96)}] * 2   # (height, width)
+    network.attach()
+    try:
+        with torch.no_grad():
+            cond = headless.encode_text(["lt_demo, a red circle", "a dog"], sizes)
+    finally:
+        network.detach()
+    diff = (ours["crossattn"] - cond["crossattn"]).abs().max()
+    if "vector" in ours:        # SDXL: pooled OpenCLIP output (the last resblock's attention shows here)
+        pooled = cond["text_embeds"]
+        diff = max(diff, (ours["vector"][:, :pooled.shape[1]] - pooled).abs().max())
+    report["train_vs_headless"] = float(diff)
+    return report
+
+
+def _headless_backbone(webui, checkpoint: str, family: str, tmp_path):
+    from lora_trainer.backbones import tiny
+    from lora_trainer.backbones.diffusers_sd import load_backbone
+
+    configs = tmp_path / "configs"
+    if not configs.exists():
+        tiny.write_config_folder(configs, tiny.build_tiny(family, seed=0, with_tokenizer=False)["configs"])
+    return load_backbone(str(webui["data"] / "models" / "Stable-diffusion" / f"{checkpoint}.safetensors"),
+                         str(configs))
 
 
 def txt2img(webui, prompt: str) -> np.ndarray:
@@ -194,7 +305,7 @@ def test_the_loaded_model_is_the_tiny_sdxl(xl):
     assert "Error loading script" not in log, log[-3000:]
 
 
-def test_train_sdxl_on_the_loaded_model_and_use_the_lora(xl):
+def test_train_sdxl_on_the_loaded_model_and_use_the_lora(xl, tmp_path):
     base = txt2img(xl, PROMPT)
     before = model_state(xl)
     assert before["adapter_hosts"] == 0
@@ -222,6 +333,14 @@ def test_train_sdxl_on_the_loaded_model_and_use_the_lora(xl):
     assert matched["sd_version"] == "SdVersion.SDXL", matched
     assert matched["file_layers"] == len(layers) and matched["matched"] == len(layers), matched
     assert matched["text_encoder_layers"] == len(te1) + len(te2)
+    # OpenCLIP's attention (one nn.MultiheadAttention per resblock) is trained as its q/k/v/out
+    # projections, under the names the headless trainer uses: the same layers as the CLI's file
+    te2_blocks = sorted({int(k.split("_layers_")[1].split("_")[0]) for k in te2})
+    assert te2_blocks and set(te2) == {f"lora_te2_text_model_encoder_layers_{i}_{part}" for i in te2_blocks
+                                       for part in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
+                                                    "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}, te2
+    cli = headless_layers(xl, CHECKPOINT, "sdxl", tmp_path, target_modules="locon", train_text_encoder=True)
+    assert layers == cli, sorted(set(layers) ^ set(cli))
 
     with_lora = txt2img(xl, f"{PROMPT} <lora:{name}:0.7>")
     print(f"<lora:{name}:0.7> vs base: max {np.abs(with_lora - base).max()}, "
@@ -302,6 +421,20 @@ def test_sdxl_training_inputs_are_the_headless_trainers(xl, tmp_path):
     for name in ("crossattn", "pooled", "latent", "alphas_cumprod", "prediction"):
         diff, scale = report[name]
         assert diff <= 1e-5 * max(1.0, scale), (name, report)
+
+
+def test_sdxl_openclip_attention_lora_in_training_is_what_the_webui_applies(xl, tmp_path):
+    """te2's attention LoRA (random, large) changes the caption conditioning during training (our
+    MultiheadAttention adapters) exactly as the WebUI's Lora extension does when it applies the same
+    file (merged into in_proj_weight / out_proj.weight), and as the headless trainer trains it (four
+    Linear LoRAs on transformers' CLIP), to float32 rounding."""
+    report = attention_effect(xl, "lora_te2_", CHECKPOINT, "sdxl", tmp_path)
+    print(f"SDXL te2 attention LoRA: {report}")
+    assert report["layers"] == 4 * 2      # q/k/v/out of the tiny OpenCLIP's 2 resblocks
+    assert report["train_vs_base"] > 1e-2 * max(1.0, report["scale"]), report
+    assert report["train_vs_webui"] <= 1e-5 * max(1.0, report["scale"]), report
+    assert report["train_vs_headless"] <= 1e-5 * max(1.0, report["scale"]), report
+    assert report["weights_as_before"] and model_state(xl)["adapter_hosts"] == 0
 
 
 def test_sdxl_gradient_checkpointing_trains_the_same_file(xl):
