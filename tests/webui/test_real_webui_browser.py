@@ -16,8 +16,6 @@ Screenshots go to $LORA_TRAINER_UI_SCREENSHOTS or a tmp folder.
 """
 from __future__ import annotations
 
-import base64
-import io
 import re
 import sys
 import time
@@ -27,7 +25,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from webui_harness import SKIP_REASON, WEBUI_DIR, http
+import webui_harness
+from webui_harness import SKIP_REASON, WEBUI_DIR, pixels
 
 pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON)
 
@@ -115,20 +114,12 @@ def train_form(page, site, name: str, **extra) -> None:
 
 
 def model_state(site) -> dict:
-    return http("GET", url(site) + "/lora_trainer_test/model_state")
+    return webui_harness.model_state(url(site))
 
 
 def txt2img(site, prompt: str) -> np.ndarray:
-    payload = {"prompt": prompt, "negative_prompt": "", "steps": PREVIEW["preview_steps"], "width": 64,
-               "height": 64, "seed": PREVIEW["preview_seed"], "sampler_name": "Euler",
-               "cfg_scale": PREVIEW["preview_cfg_scale"], "batch_size": 1, "send_images": True,
-               "save_images": False}
-    result = http("POST", url(site) + "/sdapi/v1/txt2img", payload)
-    return pixels(io.BytesIO(base64.b64decode(result["images"][0])))
-
-
-def pixels(source) -> np.ndarray:
-    return np.asarray(Image.open(source).convert("RGB"), dtype=np.int16)
+    return webui_harness.txt2img(url(site), prompt, steps=PREVIEW["preview_steps"],
+                                 seed=PREVIEW["preview_seed"], cfg_scale=PREVIEW["preview_cfg_scale"])
 
 
 def start_and_watch(page, name: str) -> tuple[dict, list]:

@@ -9,8 +9,6 @@ test_real_webui_sd2 reuses this module's server setup and helpers for the tiny S
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import threading
@@ -21,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from webui_harness import SKIP_REASON, WEBUI_DIR, _webui_python, http, install_extension
+import webui_harness
+from webui_harness import SKIP_REASON, WEBUI_DIR, _webui_python, harness_train, http, install_extension
 
 pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON)
 
@@ -266,24 +265,15 @@ def _headless_backbone(webui, checkpoint: str, family: str, tmp_path):
 
 
 def txt2img(webui, prompt: str) -> np.ndarray:
-    payload = {"prompt": prompt, "negative_prompt": "", "steps": 4, "width": 64, "height": 64,
-               "seed": 1, "sampler_name": "Euler", "cfg_scale": 7, "batch_size": 1,
-               "send_images": True, "save_images": False}
-    result = http("POST", webui["url"] + "/sdapi/v1/txt2img", payload)
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB"),
-                      dtype=np.int16)
+    return webui_harness.txt2img(webui["url"], prompt)
 
 
 def model_state(webui) -> dict:
-    return http("GET", webui["url"] + "/lora_trainer_test/model_state")
+    return webui_harness.model_state(webui["url"])
 
 
 def train(webui, **values) -> dict:
-    config = dict(train_data_dir=str(webui["dataset"]), resolution=64, lora_rank=4, batch_size=2,
-                  learning_rate=3e-2, max_train_steps=10, save_steps=0, save_precision="fp32",
-                  resume=False, preview_prompts=[], write_card=False)
-    config.update(values)
-    return http("POST", webui["url"] + "/lora_trainer_test/train", config)
+    return harness_train(webui["url"], webui["dataset"], **{"learning_rate": 3e-2, **values})
 
 
 def lora_tensors(path) -> dict:

@@ -162,3 +162,39 @@ def install_extension(extensions_dir: Path) -> Path:
     return target
 
 
+
+
+# ---- what the tests ask a running WebUI ------------------------------------------------------------
+
+def pixels(source):
+    """An image (path or file object) as int16 RGB, so differences do not wrap around."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(source).convert("RGB"), dtype=np.int16)
+
+
+def txt2img(url: str, prompt: str, steps: int = 4, seed: int = 1, cfg_scale: float = 7, size: int = 64):
+    """The WebUI's txt2img through its API, with the settings the previews in these tests use."""
+    import base64
+    import io
+
+    payload = {"prompt": prompt, "negative_prompt": "", "steps": steps, "width": size, "height": size,
+               "seed": seed, "sampler_name": "Euler", "cfg_scale": cfg_scale, "batch_size": 1,
+               "send_images": True, "save_images": False}
+    result = http("POST", url + "/sdapi/v1/txt2img", payload)
+    return pixels(io.BytesIO(base64.b64decode(result["images"][0])))
+
+
+def model_state(url: str) -> dict:
+    """The loaded model's weights digest, adapters left on it, grad flags, loaded LoRAs (HARNESS)."""
+    return http("GET", url + "/lora_trainer_test/model_state")
+
+
+def harness_train(url: str, dataset, **values) -> dict:
+    """A training job through the harness route (under the queue lock), small settings by default."""
+    config = dict(train_data_dir=str(dataset), resolution=64, lora_rank=4, batch_size=2,
+                  learning_rate=2e-2, max_train_steps=10, save_steps=0, save_precision="fp32",
+                  resume=False, preview_prompts=[], write_card=False)
+    config.update(values)
+    return http("POST", url + "/lora_trainer_test/train", config)
