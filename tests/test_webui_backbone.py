@@ -183,20 +183,23 @@ def test_long_captions_keep_their_first_chunk(standin):
     assert backbone.encode_text(["x"])["crossattn"].shape == (1, 77, 32)
 
 
+class FakeSdxlBase(torch.nn.Module):
+    """The least of an SDXL model the backbone reads: flags, a UNet slot, a schedule."""
+    is_sd1, is_sd2, is_sdxl = False, False, True
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.diffusion_model = torch.nn.Linear(2, 2)
+        self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+
 def test_sdxl_conditioning_gets_each_samples_size_in_order():
     """SDXL's `vector` encodes the image size: the WebUI's get_learned_conditioning reads it from
     the prompt list's width/height (prompt_parser.SdConditioning), one call per distinct size."""
     calls = []
 
-    class FakeSdxl(torch.nn.Module):
-        is_sd1, is_sd2, is_sdxl = False, False, True
-
-        def __init__(self):
-            super().__init__()
-            self.model = torch.nn.Module()
-            self.model.diffusion_model = torch.nn.Linear(2, 2)
-            self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
-
+    class FakeSdxl(FakeSdxlBase):
         def get_learned_conditioning(self, batch):
             calls.append((list(batch), batch.width, batch.height))
             n = len(batch)
@@ -246,15 +249,10 @@ def test_sdxl_text_encoders_get_gradients_through_sgms_conditioner():
                 out.setdefault("crossattn" if emb.dim() == 3 else "vector", []).append(emb)
             return {k: torch.cat(v, dim=-1) for k, v in out.items()}
 
-    class FakeSdxl(torch.nn.Module):
-        is_sd1, is_sd2, is_sdxl = False, False, True
-
+    class FakeSdxl(FakeSdxlBase):
         def __init__(self):
             super().__init__()
-            self.model = torch.nn.Module()
-            self.model.diffusion_model = torch.nn.Linear(2, 2)
             self.conditioner = Conditioner()
-            self.alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
 
         def get_learned_conditioning(self, batch):
             size = torch.tensor([[batch.height, batch.width]] * len(batch))
