@@ -153,6 +153,19 @@ def test_oom_at_micro_batch_one_enables_checkpointing_then_stops_with_the_levers
     assert "Traceback" in log_text
 
 
+def test_oom_in_the_optimizer_step_stops_with_the_levers_not_a_bare_error(make_config, monkeypatch):
+    """AdamW allocates its state at the first step: no micro-batch split helps there."""
+    from lora_trainer.training.trainer import Trainer
+
+    def step(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(Trainer, "_optimizer_step", step)
+    with pytest.raises(oom.OutOfMemoryStop) as stop:
+        train_from_config(load_config(make_config("adam", max_train_steps=2, write_card=False)))
+    message = str(stop.value)
+    assert message.startswith("Out of memory in the optimizer step") and "lower lora_rank (now 4)" in message
+
+
 def test_the_failed_attempt_is_freed_before_retrying(make_config, monkeypatch):
     """The exception's traceback holds the failed forward's frames; if they kept their tensors,
     empty_cache could not give the memory back and the retry would run out again."""

@@ -50,7 +50,7 @@ def next_oom_action(micro_batch_size: int, checkpointing_on: bool) -> str:
     return "stop"
 
 
-def oom_advice(cfg) -> str:
+def oom_advice(cfg, where: str = "even at micro-batch 1 with gradient checkpointing") -> str:
     levers = [f"lower resolution (now {cfg.resolution})", f"lower lora_rank (now {cfg.lora_rank})"]
     if cfg.train_text_encoder:
         levers.append("set train_text_encoder: false")
@@ -58,5 +58,5 @@ def oom_advice(cfg) -> str:
         levers.append("optimizer: adamw8bit (needs bitsandbytes)")
     if cfg.mixed_precision == "no":
         levers.append("mixed_precision: fp16 or bf16")
-    return ("Out of memory even at micro-batch 1 with gradient checkpointing. The last checkpoint is "
-            "intact; to go on, change one of: " + "; ".join(levers) + ".")
+    return (f"Out of memory {where}. The last checkpoint is intact; to go on, change one of: "
+            + "; ".join(levers) + ".")

@@ -249,7 +249,7 @@ class Trainer:
                 self._recover_from_oom(error)
         self.dist.sum_gradients([p for _, p in self.named_params])
         loss_sum = self.dist.sum_float(loss_sum, self.backbone.device)
-        grad_norm = self._optimizer_step()
+        grad_norm = self._stepped_optimizer()
         self.position.global_step += 1
         self.position.epoch = step_slice.epoch
         self.position.batch_in_epoch = step_slice.first_batch + len(step_slice.batches)
@@ -273,6 +273,19 @@ class Trainer:
                 chunk = batch[start:start + self.micro_batch_size]
                 loss_sum += self._forward_backward(step_slice.epoch, chunk, weight=len(chunk) / len(items))
         return loss_sum
+
+    def _stepped_optimizer(self):
+        """The optimizer step. Out of memory here is not a batch-size matter (AdamW allocates two
+        fp32 copies of every LoRA weight at its first step): smaller micro-batches would not help,
+        so the run stops with the levers that do instead of a bare CUDA error."""
+        try:
+            return self._optimizer_step()
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            release_failed_step(error, self.backbone.device)
+            raise OutOfMemoryStop(oom_advice(self.cfg, "in the optimizer step (its state is allocated "
+                                                       "at the first step)")) from error
 
     def _recover_from_oom(self, error) -> None:
         self.optimizer.zero_grad(set_to_none=True)
