@@ -21,7 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..training.control import TrainingObserver
-from . import system
+
+
+class _Lazy:
+    """`monitor.system` on first use: it imports torch (a second or more), and building the CLI's
+    parser (every command, `--help` too) imports this module for `register`."""
+
+    def __getattr__(self, name):
+        from . import system as module
+        return getattr(module, name)
+
+
+system = _Lazy()
 
 # What lora_trainer needs: (distribution, minimum version or None, when). Mirrors pyproject.toml
 # (tests/test_monitor.py keeps the two equal). "always": the package imports it; "headless": only

@@ -15,10 +15,11 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-import safetensors.torch
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 TEMP_SUFFIX = ".tmp"
 
@@ -123,14 +124,18 @@ def atomic_write_json(path: os.PathLike | str, obj: Any) -> None:
     atomic_write_bytes(path, json_bytes(obj))
 
 
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor],
+def safetensors_bytes(tensors: Mapping[str, "torch.Tensor"],
                       metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    # imported here: the config package writes YAML through this module, and the CLI's parser
+    # (every `--help`) should not pay torch's second of import time for it
+    import safetensors.torch
+
     # safetensors refuses non-contiguous tensors; detach so autograd views are accepted.
     prepared = {name: t.detach().contiguous() for name, t in tensors.items()}
     return safetensors.torch.save(prepared, metadata=dict(metadata) if metadata else None)
 
 
-def atomic_save_safetensors(path: os.PathLike | str, tensors: Mapping[str, torch.Tensor],
+def atomic_save_safetensors(path: os.PathLike | str, tensors: Mapping[str, "torch.Tensor"],
                             metadata: Optional[Mapping[str, str]] = None) -> None:
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
