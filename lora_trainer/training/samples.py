@@ -117,10 +117,10 @@ class SampleSource:
         return (caption, tuple(sorted(sizes.items())) if uses_sizes else None)
 
     def _encode_one(self, caption: str, sizes: dict) -> dict:
-        parts = dict(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1], model=self.model_hash)
-        if self.text_host:
-            parts["host"] = self.text_host
-        key = cache_key(**parts)
+        # the host is always in the key, so entries of versions that keyed only the model (where
+        # the WebUI's and the headless embeddings could be mixed up) are never read again
+        key = cache_key(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1],
+                        model=self.model_hash, host=self.text_host or "headless")
         if self.text_disk:
             hit = self.text_disk.get(key)
             if hit is not None:
