@@ -11,99 +11,33 @@ Supported layouts (they can be mixed):
 
 Every problem is collected and reported at once (all missing CSV files, all unreadable images),
 so a user fixes the dataset in one go instead of one error per run.
+
+This module walks the folders and builds the records; captions are read in `caption_sources.py`,
+and the result types (`DatasetIndex`, `ImageRecord`, `DataError`) live in `dataset_index.py`.
 """
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
-import json
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
-from .captions import split_tags
-from .images import (SUPPORTED_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, UnreadableImage, load_rgb,
-                     probe_size)
+from .caption_sources import (METADATA_FILE_NAME, _caption_for, _find_metadata_csv, _read_metadata_csv,
+                              _warn_missing_captions)
+from .dataset_index import DataError, DatasetIndex, ImageRecord, _accepted_extensions, _some_names
+from .images import SUPPORTED_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, UnreadableImage, load_rgb, probe_size
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
-METADATA_FILE_NAME = "metadata.csv"
 # "10_mychar": 10 repeats of the images in folder "mychar".
 REPEAT_FOLDER_PATTERN = re.compile(r"^(\d+)_(.+)$")
 # A prefix this large is almost always a date ("2023_holiday"), not a repeat count; say so.
 _SUSPICIOUS_REPEATS = 1000
 # Folders that zip tools create and that only hold metadata ("._x.png" AppleDouble files).
 _IGNORED_DIR_NAMES = frozenset({"__MACOSX"})
-_MANIFEST_VERSION = b"lora_trainer.manifest.v1\n"
-_NAMES_IN_A_MESSAGE = 10
-
-
-class DataError(Exception):
-    """The dataset cannot be used as configured. The message says what to fix.
-
-    `problems` holds one line per offending file/row, for UIs that want to list them.
-    """
-
-    def __init__(self, message: str, problems: Sequence[str] = ()):
-        super().__init__(message)
-        self.problems = list(problems)
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    path: str            # absolute path of the image file
-    rel_path: str        # posix path relative to train_data_dir: the record's stable identity
-    caption: str
-    repeats: int
-    folder: str          # repeat folder name without its "N_" prefix, or "" outside such folders
-    sha256: str          # of the file bytes: lets caches and resume detect a changed image
-    width: int           # as displayed, i.e. after EXIF orientation
-    height: int
-    caption_source: str = "none"  # "csv" | "sidecar" | "none"
-
-
-@dataclass
-class DatasetIndex:
-    root: str
-    records: List[ImageRecord]
-    warnings: List[str] = field(default_factory=list)
-    metadata_path: Optional[str] = None  # the metadata.csv actually used, if any
-
-    @property
-    def num_images(self) -> int:
-        return len(self.records)
-
-    @property
-    def num_samples(self) -> int:
-        """Samples per epoch: every image counted `repeats` times."""
-        return sum(record.repeats for record in self.records)
-
-    def tag_frequency(self) -> Dict[str, Dict[str, int]]:
-        """kohya-style `{"<repeats>_<folder>": {tag: count}}` (goes into ss_tag_frequency metadata).
-
-        Images outside a repeat folder are grouped under the dataset folder's own name.
-        """
-        fallback_folder = Path(self.root).name or "images"
-        frequency: Dict[str, Counter] = defaultdict(Counter)
-        for record in self.records:
-            key = f"{record.repeats}_{record.folder or fallback_folder}"
-            frequency[key].update(split_tags(record.caption))
-        return {key: dict(counts) for key, counts in sorted(frequency.items())}
-
-    def manifest_hash(self) -> str:
-        """Fingerprint of what is trained on: paths, image bytes, captions and repeats.
-
-        Saved with checkpoints so a resume can tell the user their dataset changed under them.
-        """
-        entries = [[r.rel_path, r.sha256, r.caption, r.repeats]
-                   for r in sorted(self.records, key=lambda r: r.rel_path)]
-        # JSON gives every field an unambiguous encoding (no "a,b" + "c" == "a" + "b,c" collisions).
-        encoded = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return hashlib.sha256(_MANIFEST_VERSION + encoded).hexdigest()
 
 
 @dataclass
@@ -262,149 +196,6 @@ def _repeat_folder_path(rel_path: str) -> str:
     return ""
 
 
-# ---- captions ------------------------------------------------------------------------------------
-
-def _normalise_caption(text: str) -> str:
-    # Multi-line captions are joined with ", " so each line stays a separate unit for tag
-    # shuffling (tag-per-line files) and sentences stay readable (caption-per-line files).
-    lines = [line.strip().strip(",").strip() for line in text.splitlines()]
-    return ", ".join(line for line in lines if line)
-
-
-def _decode_caption(data: bytes, path: Path, warnings: List[str]) -> str:
-    # Windows Notepad saves "Unicode" as UTF-16 with a BOM and "ANSI" as cp1252; both are common
-    # in hand-written caption files, so read them instead of failing on a byte we cannot decode.
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
-    try:
-        return data.decode("utf-8-sig")  # "-sig" drops the BOM some editors write
-    except UnicodeDecodeError:
-        warnings.append(f"Caption file '{path}' is not UTF-8; read it as Windows-1252. Re-save it "
-                        "as UTF-8 if any characters look wrong.")
-        return data.decode("cp1252", errors="replace")
-
-
-def _read_sidecar(image_path: Path, caption_extension: str,
-                  warnings: List[str]) -> Optional[str]:
-    """The caption from `image.<caption_extension>`, or None if there is no such file."""
-    caption_path = image_path.with_suffix(caption_extension)
-    try:
-        data = caption_path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        warnings.append(f"Could not read caption file '{caption_path}': {exc.strerror or exc}; "
-                        "the image trains with an empty caption.")
-        return None
-    return _normalise_caption(_decode_caption(data, caption_path, warnings))
-
-
-def _warn_missing_captions(records: List[ImageRecord], caption_extension: str,
-                           csv_path: Optional[Path], warnings: List[str]) -> None:
-    missing = [r.rel_path for r in records if r.caption_source == "none"]
-    empty = [r.rel_path for r in records if r.caption_source != "none" and not r.caption]
-    if missing:
-        sources = f"no {caption_extension} file" + (" and no metadata.csv row" if csv_path else "")
-        warnings.append(f"{len(missing)} image(s) have no caption ({sources}) and train with an "
-                        f"empty caption: {_some_names(missing)}")
-    if empty:
-        warnings.append(f"{len(empty)} image(s) have an empty caption: {_some_names(empty)}")
-
-
-# ---- metadata.csv --------------------------------------------------------------------------------
-
-def _find_metadata_csv(root: Path, metadata_path) -> Optional[Path]:
-    if metadata_path:
-        path = Path(os.path.abspath(os.path.expanduser(str(metadata_path))))
-        if not path.is_file():
-            raise DataError(f"metadata_path '{path}' does not exist (or is not a file).")
-        return path
-    default = root / METADATA_FILE_NAME
-    return default if default.is_file() else None
-
-
-def _metadata_columns(header: Optional[List[str]], csv_path: Path) -> Tuple[int, int]:
-    names = [cell.strip().lower() for cell in (header or [])]
-    text_column = next((name for name in ("text", "caption") if name in names), None)
-    if "file_name" not in names or text_column is None:
-        found = ",".join(header) if header else "an empty file"
-        raise DataError(f"'{csv_path}' must start with a header row 'file_name,text' "
-                        f"(found: {found}).")
-    return names.index("file_name"), names.index(text_column)
-
-
-def _resolve_listed_file(file_name: str, root: Path, csv_dir: Path) -> Optional[Path]:
-    # Backslashes: CSVs written on Windows ("sub\a.png"). Tried second because on POSIX a
-    # backslash is a legal (if unlikely) file-name character.
-    spellings = [file_name] + ([file_name.replace("\\", "/")] if "\\" in file_name else [])
-    for spelling in spellings:
-        for base in (root, csv_dir):
-            candidate = base / spelling  # an absolute file_name replaces `base`
-            if candidate.is_file():
-                return Path(os.path.abspath(candidate))
-    return None
-
-
-def _relative_to_root(path: Path, root: Path) -> Optional[str]:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return None
-
-
-def _read_csv_rows(csv_path: Path) -> Tuple[Optional[List[str]], List[Tuple[int, List[str]]]]:
-    """(header, [(line number, row), ...]) with blank rows dropped."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"'{csv_path}' is not UTF-8 text ({exc}); re-save it as UTF-8.") from exc
-    except csv.Error as exc:
-        raise DataError(f"'{csv_path}' is not a valid CSV file: {exc}") from exc
-    return header, rows
-
-
-def _read_metadata_csv(csv_path: Path, root: Path,
-                       warnings: List[str]) -> Dict[str, Tuple[Path, str]]:
-    """{rel_path: (path, caption)} for every row; all bad rows are reported in one DataError."""
-    header, rows = _read_csv_rows(csv_path)
-    file_column, text_column = _metadata_columns(header, csv_path)
-    entries: Dict[str, Tuple[Path, str]] = {}
-    first_line_of: Dict[str, int] = {}
-    problems: List[str] = []
-    for row_number, (line, row) in enumerate(rows, start=1):
-        where = f"{csv_path.name} row {row_number} (line {line})"
-        file_name = row[file_column].strip() if len(row) > file_column else ""
-        caption = row[text_column] if len(row) > text_column else ""
-        if not file_name:
-            problems.append(f"{where}: empty file_name")
-            continue
-        path = _resolve_listed_file(file_name, root, csv_path.parent)
-        if path is None:
-            problems.append(f"{where}: file '{file_name}' not found (looked in '{root}'"
-                            + (f" and '{csv_path.parent}')" if csv_path.parent != root else ")"))
-            continue
-        rel_path = _relative_to_root(path, root)
-        if rel_path is None:
-            problems.append(f"{where}: file '{file_name}' is outside train_data_dir '{root}'")
-            continue
-        if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            problems.append(f"{where}: file '{file_name}' is not a supported image "
-                            f"(accepted: {_accepted_extensions()})")
-            continue
-        if rel_path in entries:
-            warnings.append(f"{where}: '{rel_path}' is listed again (first on line "
-                            f"{first_line_of[rel_path]}); using this later row's caption.")
-        first_line_of.setdefault(rel_path, line)
-        entries[rel_path] = (path, _normalise_caption(caption))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in '{csv_path}':\n  " + "\n  ".join(problems),
-                        problems)
-    return entries
-
-
 # ---- building records ----------------------------------------------------------------------------
 
 def _plan_candidates(images: Dict[str, Path], csv_entries: Dict[str, Tuple[Path, str]],
@@ -429,16 +220,6 @@ def _plan_candidates(images: Dict[str, Path], csv_entries: Dict[str, Tuple[Path,
         warnings.append(f"Folder '{folder_path}' means {repeats} repeats per epoch (the number "
                         "before '_' is a repeat count); rename it if that is not intended.")
     return candidates
-
-
-def _caption_for(rel_path: str, path: Path, csv_entries: Dict[str, Tuple[Path, str]],
-                 caption_extension: str, warnings: List[str]) -> Tuple[str, str]:
-    if rel_path in csv_entries:
-        return csv_entries[rel_path][1], "csv"
-    sidecar = _read_sidecar(path, caption_extension, warnings)
-    if sidecar is not None:
-        return sidecar, "sidecar"
-    return "", "none"
 
 
 def _sha256_of_file(path: Path) -> str:
@@ -518,13 +299,7 @@ def _empty_dataset_error(root: Path, unsupported: List[str], bad: List[Tuple[str
     return DataError(message)
 
 
-# ---- message helpers -----------------------------------------------------------------------------
-
-def _accepted_extensions() -> str:
-    return ", ".join(sorted(SUPPORTED_EXTENSIONS))
-
-
-def _some_names(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:_NAMES_IN_A_MESSAGE])
-    hidden = len(names) - _NAMES_IN_A_MESSAGE
-    return shown + (f" (and {hidden} more)" if hidden > 0 else "")
+__all__ = [
+    "BAD_IMAGE_POLICIES", "DataError", "DatasetIndex", "ImageRecord", "METADATA_FILE_NAME",
+    "REPEAT_FOLDER_PATTERN", "discover",
+]
