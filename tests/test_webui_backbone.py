@@ -516,6 +516,28 @@ def test_model_is_bitwise_as_before_after_a_run(make_config, tmp_path, env, stan
     assert not job.is_training()
 
 
+def test_half_precision_weights_train_in_place_and_come_back_bit_identical(make_config, tmp_path, standin):
+    """A WebUI without --no-half holds the model in 16-bit: the job trains on those weights in
+    place (no fp32 copy) with mixed precision switched on to match, the LoRA itself in fp32, and
+    the 16-bit weights come back bit for bit. bf16 stands in for the GPU's fp16: CPU autocast has
+    only bf16."""
+    standin.to(torch.bfloat16)
+    env = standin_env(standin, tmp_path / "models" / "Lora")
+    clean = weights(standin)
+    cfg = webui_cfg(make_config, tmp_path, "half", max_train_steps=3, learning_rate=5e-2,
+                    train_text_encoder=True, preview_prompts=[], write_card=False)
+    assert cfg.mixed_precision == "no"
+    result = job.train_on_loaded_model(cfg, env=env)
+    assert result.status == "finished"
+    assert_same_weights(standin, clean)
+    assert all(p.dtype == torch.bfloat16 for p in standin.parameters())
+    tensors, metadata = read_lora_file(result.lora_path)
+    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(u).all() for u in ups)
+    assert sum(bool(u.any()) for u in ups) == len(ups)            # every layer trained
+    assert "mixed_precision: bf16" in (Path(cfg.run_dir) / "config.yaml").read_text()
+
+
 def test_a_failing_run_still_hands_the_model_back(make_config, tmp_path, env, standin):
     clean = weights(standin)
 
