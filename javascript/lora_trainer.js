@@ -76,12 +76,15 @@
         }
     }
 
-    // Inside the WebUI: when a run ends (finished or stopped, as this page's progress box shows it),
-    // refresh the Lora cards of txt2img and img2img. The WebUI builds their HTML once and only
-    // rebuilds it on the extra-networks Refresh button, so the new LoRA (and its thumbnail) would
-    // not show otherwise. This presses the same hidden button that Refresh presses.
+    // Inside the WebUI: refresh the Lora cards of txt2img and img2img once for every run end this
+    // browser has not seen yet: the progress box's data-ended is the server's time of the last
+    // run's end, so this covers a page that watched the run and a page opened after it ended. The
+    // WebUI builds the cards' HTML once (and caches it for every later page load) and rebuilds it
+    // only on the extra-networks Refresh button, so the new LoRA (and its thumbnail) would not
+    // show otherwise. This presses the same hidden button that Refresh presses.
     var ENDED = ["finished", "stopped"];
-    var lastRun = null;
+    var SEEN_KEY = "loraTrainerCardsRefreshedFor";
+    var seenInMemory = 0;   // where localStorage is not available
 
     function refreshLoraCards() {
         window.loraTrainerCardRefreshes = (window.loraTrainerCardRefreshes || 0) + 1;
@@ -93,16 +96,31 @@
         });
     }
 
+    function seenEnd() {
+        try {
+            return parseFloat(window.localStorage.getItem(SEEN_KEY) || "0") || 0;
+        } catch (e) {
+            return seenInMemory;
+        }
+    }
+
+    function markSeen(ended) {
+        seenInMemory = ended;
+        try {
+            window.localStorage.setItem(SEEN_KEY, String(ended));
+        } catch (e) {
+            // private mode: this page remembers it
+        }
+    }
+
     function watchRunEnd() {
         var box = root().querySelector("#lora_trainer_progress .lora-trainer-progress");
-        if (!box) {
+        if (!box || ENDED.indexOf(box.getAttribute("data-status") || "") < 0) {
             return;
         }
-        var now = {run: box.getAttribute("data-run") || "", status: box.getAttribute("data-status") || ""};
-        var before = lastRun;
-        lastRun = now;
-        if (before && (before.run !== now.run || before.status !== now.status) &&
-                ENDED.indexOf(now.status) >= 0) {
+        var ended = parseFloat(box.getAttribute("data-ended") || "0") || 0;
+        if (ended > seenEnd()) {
+            markSeen(ended);
             refreshLoraCards();
         }
     }

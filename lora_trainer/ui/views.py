@@ -75,7 +75,8 @@ def progress_html(snap: Snapshot) -> str:
         parts.append(f"<span>loss {snap.loss:.4f}</span>")
     bar_class = "lora-trainer-bar-fill" + (" lora-trainer-bar-active" if snap.active else "")
     return (f'<div class="lora-trainer-progress" data-step="{snap.step}" data-total="{total}" '
-            f'data-status="{_esc(snap.status)}" data-run="{_esc(snap.output_name or "")}">'
+            f'data-status="{_esc(snap.status)}" data-run="{_esc(snap.output_name or "")}" '
+            f'data-ended="{snap.ended_wall or ""}">'
             f'<div class="lora-trainer-bar"><div class="{bar_class}" style="width:{percent:.1f}%"></div></div>'
             f'<div class="lora-trainer-progress-text">{" · ".join(parts)}</div></div>')
 

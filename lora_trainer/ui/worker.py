@@ -59,6 +59,8 @@ class Snapshot:
     run_dir: Optional[str]
     last_checkpoint_step: Optional[int]
     has_previews: bool
+    ended_wall: Optional[float] = None   # time.time() when the run ended: the page refreshes the
+                                         # WebUI's Lora cards once for every end it has not seen
 
     @property
     def active(self) -> bool:
@@ -75,6 +77,7 @@ class _State:
     start_step: int = 0
     started_at: float = 0.0
     ended_at: Optional[float] = None
+    ended_wall: Optional[float] = None
     loss: Optional[float] = None
     losses: list = field(default_factory=list)
     step_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
@@ -216,7 +219,8 @@ class TrainingWorker:
                 losses=_thin(s.losses, MAX_PLOT_POINTS), previews=list(s.previews),
                 preview_step=s.preview_step, log_lines=list(s.log_lines), message=s.message,
                 error=s.error, lora_path=s.lora_path, output_name=s.output_name, run_dir=s.run_dir,
-                last_checkpoint_step=s.last_checkpoint_step, has_previews=s.has_previews)
+                last_checkpoint_step=s.last_checkpoint_step, has_previews=s.has_previews,
+                ended_wall=s.ended_wall)
 
     # ---- commands -------------------------------------------------------------------------------
     def start(self, cfg, force_resume: bool = False) -> tuple[bool, str]:
@@ -258,7 +262,7 @@ class TrainingWorker:
             log.error("Training failed: %s", message, exc_info=True)  # stack: console + log files
             with self._changing() as s:
                 s.status, s.error, s.message = "error", message, f"Training failed: {message}"
-                s.ended_at = time.monotonic()
+                s.ended_at, s.ended_wall = time.monotonic(), time.time()
                 s.runs_version += 1
             if not isinstance(error, Exception):
                 raise
@@ -272,7 +276,7 @@ class TrainingWorker:
                 lora = getattr(result, "lora_path", None)
                 if lora is not None:
                     s.lora_path = str(lora)
-                s.ended_at = time.monotonic()
+                s.ended_at, s.ended_wall = time.monotonic(), time.time()
                 s.runs_version += 1
         finally:
             logger.removeHandler(capture)

@@ -324,6 +324,10 @@ def test_worker_runs_one_training_at_a_time(tmp_path, paths):
     snap = worker.snapshot()
     assert snap.status == "finished" and snap.lora_path.endswith("x.safetensors")
     assert views.result_values(snap)[1] == "<lora:x:0.7>"
+    # the server's time of the end, for the page's one Lora-card refresh per run end
+    import time
+    assert abs(snap.ended_wall - time.time()) < 60
+    assert f'data-ended="{snap.ended_wall}"' in views.progress_html(snap)
 
 
 def test_log_tail_shows_console_and_step_lines_not_train_log_internals(tmp_path, paths):

@@ -243,6 +243,43 @@ def test_a_run_without_preview_prompts_still_gets_a_card_thumbnail(page, site):
     sync_api.expect(card).to_have_count(1, timeout=30_000)
 
 
+def test_a_page_opened_after_an_unwatched_run_shows_its_card(page, site):
+    """A run that ended while no page was open is on the next page's cards without Refresh: the
+    tab's script refreshes them once for every run end the browser has not seen, and not again on
+    every later page load (a refresh rescans every extra-network folder, slow for big libraries)."""
+    page.goto("about:blank")                               # no page watches the run end
+    browser = page.context.browser
+    starter = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
+    open_webui(starter, site)
+    open_train_tab(starter)
+    train_form(starter, site, "browser_unseen", preview_prompts="", max_train_steps=4)
+    starter.locator("#lora_trainer_btn_start").click()
+    sync_api.expect(message(starter)).to_contain_text("Training started")
+    starter.context.close()
+    log = site["extension"] / "runs" / "browser_unseen" / "logs" / "train.log"
+    deadline = time.monotonic() + TRAIN_TIMEOUT_MS / 1000
+    while not (log.is_file() and "run finished" in log.read_text()):
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.5)
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    try:
+        later = context.new_page()
+        open_webui(later, site)
+        card = lora_cards(later).locator('.card[data-name="browser_unseen"]')
+        sync_api.expect(card).to_have_count(1, timeout=30_000)
+        assert later.evaluate("window.loraTrainerCardRefreshes") == 1
+        # the same browser again: that end was seen, so no second refresh
+        again = context.new_page()
+        open_webui(again, site)
+        open_train_tab(again)
+        sync_api.expect(progress(again)).to_have_attribute("data-run", "browser_unseen", timeout=30_000)
+        again.wait_for_timeout(2500)     # the script looks once a second: give it two looks
+        assert again.evaluate("window.loraTrainerCardRefreshes || 0") == 0
+    finally:
+        context.close()
+        open_webui(page, site)
+
+
 def test_stacking_with_another_lora(page, site, shots):
     # a second LoRA whose preview prompt names the first one as well
     open_train_tab(page)
