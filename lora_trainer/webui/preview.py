@@ -35,7 +35,7 @@ import torch
 from ..preview.cards import write_card_preview
 from ..preview.images import grid, save_png
 from ..preview.prompt_syntax import (LORA_TAG_KINDS, TAG_PATTERN, TRAINED_PLACEHOLDER, PreviewPrompt,
-                                     parse_prompt_lines)
+                                     parse_lora_tag, parse_prompt_lines)
 from ..preview.sampler import SAMPLER_LABELS
 from .env import WebuiEnv
 from .lora_state import clean_base_weights, invalidate_webui_lora_caches
@@ -121,7 +121,8 @@ class WebuiPreviewer:
 
     def _names_trained(self, match) -> bool:
         kind, arguments = match.group(1), match.group(2)
-        return kind in LORA_TAG_KINDS and arguments.split(":")[0].strip() == self.cfg.output_name
+        return kind in LORA_TAG_KINDS and \
+            parse_lora_tag(arguments, match.group(0)).refers_to_trained(self.cfg.output_name)
 
     def processing_args(self, prompt: PreviewPrompt, without_trained: bool = False) -> dict:
         cfg = self.cfg
