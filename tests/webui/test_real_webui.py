@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import webui_harness
-from webui_harness import SKIP_REASON, WEBUI_DIR, harness_train, http
+from webui_harness import PREVIEW_LIKE_TXT2IMG, SKIP_REASON, WEBUI_DIR, harness_train, http, pixels
 
 pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON)
 
@@ -165,21 +164,18 @@ def test_previews_are_what_txt2img_produces(webui):
     before = model_state(webui)
     name = "webui_preview_lora"
     prompts = [PROMPT, f"{PROMPT} <lora:{{name}}:0.7>"]
-    settings = dict(preview_every_n_steps=5, preview_steps=4, preview_width=64, preview_height=64,
-                    preview_seed=1, preview_sampler="euler", preview_cfg_scale=7,
-                    preview_negative_prompt="")
+    settings = dict(preview_every_n_steps=5, **PREVIEW_LIKE_TXT2IMG)
     result = train(webui, output_name=name, preview_prompts=prompts, **settings)
     assert result["status"] == "finished", result
     assert model_state(webui) == before
     folder = Path(result["run_dir"]) / "previews"
     assert (folder / "000005" / "1.png").exists()
-    final = [np.asarray(Image.open(folder / "000010" / f"{n}.png").convert("RGB"), dtype=np.int16)
-             for n in (0, 1)]
+    final = [pixels(folder / "000010" / f"{n}.png") for n in (0, 1)]
     print(f"preview with LoRA vs base: max {np.abs(final[1] - final[0]).max()}")
     assert np.abs(final[1] - final[0]).max() > 0, "the preview does not show the LoRA"
     assert np.array_equal(final[0], txt2img(webui, PROMPT))
     assert np.array_equal(final[1], txt2img(webui, f"{PROMPT} <lora:{name}:0.7>"))
-    step5 = np.asarray(Image.open(folder / "000005" / "1.png").convert("RGB"), dtype=np.int16)
+    step5 = pixels(folder / "000005" / "1.png")
     assert not np.array_equal(step5, final[1])      # not a stale merge or cached conditioning
     # the same run without previews trains the same file
     plain = train(webui, output_name=name + "_plain")

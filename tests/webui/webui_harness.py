@@ -174,6 +174,11 @@ def pixels(source):
     return np.asarray(Image.open(source).convert("RGB"), dtype=np.int16)
 
 
+# preview settings that equal txt2img()'s defaults below, so a preview can be compared pixel for pixel
+PREVIEW_LIKE_TXT2IMG = dict(preview_steps=4, preview_width=64, preview_height=64, preview_seed=1,
+                            preview_sampler="euler", preview_cfg_scale=7, preview_negative_prompt="")
+
+
 def txt2img(url: str, prompt: str, steps: int = 4, seed: int = 1, cfg_scale: float = 7, size: int = 64):
     """The WebUI's txt2img through its API, with the settings the previews in these tests use."""
     import base64
