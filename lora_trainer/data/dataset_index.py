@@ -64,12 +64,15 @@ class DatasetIndex:
 
         Images outside a repeat folder are grouped under the dataset folder's own name.
         """
-        fallback_folder = Path(self.root).name or "images"
         frequency: Dict[str, Counter] = defaultdict(Counter)
         for record in self.records:
-            key = f"{record.repeats}_{record.folder or fallback_folder}"
-            frequency[key].update(split_tags(record.caption))
+            frequency[self.group_name(record)].update(split_tags(record.caption))
         return {key: dict(counts) for key, counts in sorted(frequency.items())}
+
+    def group_name(self, record: ImageRecord) -> str:
+        """kohya's name of the record's image folder, "<repeats>_<folder>": a name, never a path
+        (it goes into LoRA metadata that people share)."""
+        return f"{record.repeats}_{record.folder or Path(self.root).name or 'images'}"
 
     def manifest_hash(self) -> str:
         """Fingerprint of what is trained on: paths, image bytes, captions and repeats.

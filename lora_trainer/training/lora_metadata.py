@@ -10,14 +10,14 @@ import json
 import time
 from pathlib import Path
 
-from ..config.load import config_to_dict
+from ..config.public import shareable_config
 
 
 def _dataset_dirs(index) -> dict:
+    """kohya's `{"<repeats>_<folder>": {"n_repeats", "img_count"}}`, keyed like `ss_tag_frequency`."""
     dirs: dict[str, dict] = {}
     for r in index.records:
-        key = r.folder or Path(r.rel_path).parent.as_posix() or "."
-        d = dirs.setdefault(key, {"n_repeats": r.repeats, "img_count": 0})
+        d = dirs.setdefault(index.group_name(r), {"n_repeats": r.repeats, "img_count": 0})
         d["img_count"] += 1
     return dirs
 
@@ -84,7 +84,8 @@ def lora_metadata(trainer, output_name: str) -> dict:
         "modelspec.title": output_name,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),
-        "lora_trainer_config": json.dumps(config_to_dict(cfg), default=str),
+        # no local paths (see config/public.py); the full config stays in <run_dir>/config.yaml
+        "lora_trainer_config": json.dumps(shareable_config(cfg), default=str),
     }
     if cfg.trigger_word:
         meta["modelspec.trigger_phrase"] = cfg.trigger_word
