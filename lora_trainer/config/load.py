@@ -152,7 +152,56 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
     if values["run_dir"] is None:
         # Next to the YAML rather than in output_dir: the WebUI lists everything in models/Lora.
         values["run_dir"] = resolve_path(os.path.join("runs", values["output_name"]), base_dir)
+    overlap = _output_and_run_dir_overlap(values["output_dir"], values["run_dir"])
+    if overlap:
+        raise ConfigError(source, [("run_dir", overlap)])
     return TrainConfig(**values)
+
+
+def _is_within(inner: str, outer: str) -> bool:
+    inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _output_and_run_dir_overlap(output_dir: str, run_dir: str) -> Optional[str]:
+    """The run folder (checkpoints, logs) and output_dir (finished LoRAs) stay apart: the WebUI
+    lists every .safetensors under its Lora folder as a LoRA, checkpoints included, and a fresh
+    run (resume: false) moves the whole run folder aside, a LoRA inside it too."""
+    if _is_within(run_dir, output_dir):
+        return (f"{run_dir} is output_dir ({output_dir}) or inside it: the WebUI would list the "
+                "run's checkpoints as LoRAs. Leave run_dir empty (runs/<output_name> next to the "
+                "YAML) or pick a folder outside output_dir.")
+    if _is_within(output_dir, run_dir):
+        return (f"output_dir {output_dir} is inside the run folder {run_dir}: the finished LoRA "
+                "belongs outside the run's training state (e.g. the WebUI's models/Lora).")
+    return None
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load silently keeps the last of two equal keys; a config that says `epochs: 10` and
+    later `epochs: 1` is a mistake to show, not to guess about."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list/mapping as a key is reported by the config check itself
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise DuplicateKeyError(f"key '{key}' appears twice, on line {first_line[key]} and on "
+                                        f"line {line}; keep one of them")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str):
+    """`yaml.safe_load` that refuses duplicated keys (DuplicateKeyError names the key and lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _read_yaml_mapping(path: Path, source: str) -> dict:
@@ -163,7 +212,9 @@ def _read_yaml_mapping(path: Path, source: str) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [("", f"cannot read the config file: {exc}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(source, [("", str(exc))]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, [("", f"not valid YAML: {exc}")]) from None
     if data is None:      # an empty file; the required keys will be reported

@@ -77,6 +77,11 @@ class TrainConfig:
     bad_image_policy: str = setting("fail", "What to do with unreadable images: 'fail' (list them all and "
                                     "stop) or 'skip' (warn and train without them).", "Data",
                                     choices=("fail", "skip"), resume="fixed", advanced=True)
+    max_image_megapixels: float = setting(100.0, "Refuse images larger than this many megapixels: one "
+                                          "such file (a decompression bomb, an absurd scan) can take "
+                                          "gigabytes of memory to decode. Raise it for huge images "
+                                          "you trust.", "Data", min=1.0, max=100000.0, resume="free",
+                                          advanced=True)
     check_data: bool = setting(True, "Check the dataset before training (tiny images, missing or "
                                "over-long captions): refuse to start on errors, log warnings. "
                                "`lora-trainer check-data` writes the full report.", "Data",
@@ -101,6 +106,11 @@ class TrainConfig:
         None, "Folder for checkpoints, logs and previews (default: runs/<output_name> next to the YAML). "
         "Kept outside output_dir so the WebUI never lists training state as a LoRA.", "Model/Output",
         path="out", resume="free", advanced=True)
+    overwrite_output: bool = setting(False, "Replace a <output_name>.safetensors in output_dir that "
+                                     "this run did not write (another run's, a download). Its old file "
+                                     "and card files are moved to <run_dir>/replaced/ first. Off: such a "
+                                     "run stops before training and says so.", "Model/Output",
+                                     resume="free")
     save_precision: str = setting("fp16", "Precision of the saved LoRA file.", "Model/Output",
                                   choices=("fp32", "fp16", "bf16"), resume="free")
     trigger_word: Optional[str] = setting(None, "Optional trigger word recorded as the LoRA's activation "
@@ -131,8 +141,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step (effective batch = "
                                                "batch_size x this).", "Training", min=1, max=4096)
     epochs: int = setting(10, "Passes over the dataset (with repeats).", "Training", min=1, max=100000)
-    max_train_steps: Optional[int] = setting(None, "Stop after this many optimizer steps (overrides "
-                                             "epochs when smaller).", "Training", min=1)
+    max_train_steps: Optional[int] = setting(None, "Train exactly this many optimizer steps, however "
+                                             "many epochs that takes (as in kohya: when set, it "
+                                             "overrides epochs, more or fewer).", "Training", min=1)
     learning_rate: float = setting(1e-4, "UNet LoRA learning rate.", "Training", min=0.0, max=1.0)
     text_encoder_lr: Optional[float] = setting(None, "Text-encoder LoRA learning rate (default "
                                                "learning_rate).", "Training", min=0.0, max=1.0)

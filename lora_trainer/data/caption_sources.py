@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import csv
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -108,17 +109,53 @@ def _relative_to_root(path: Path, root: Path) -> Optional[str]:
 
 
 def _read_csv_rows(csv_path: Path) -> Tuple[Optional[List[str]], List[Tuple[int, List[str]]]]:
-    """(header, [(line number, row), ...]) with blank rows dropped."""
+    """(header, [(first line of the row, row), ...]) with blank rows dropped. A malformed file
+    (a quote left open, a row with more or fewer cells than the header) is a DataError naming the
+    line: read leniently, it would silently turn the next rows into one caption."""
+    rows: List[Tuple[int, List[str]]] = []
+    start = 1  # first line of the row being read
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            # strict: a quote left open to the end of the file, or text after a closing quote,
+            # is an error instead of a guess
+            reader = csv.reader(handle, strict=True)
             header = next(reader, None)
-            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+            start = reader.line_num + 1
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows.append((start, row))
+                start = reader.line_num + 1
     except UnicodeDecodeError as exc:
         raise DataError(f"'{csv_path}' is not UTF-8 text ({exc}); re-save it as UTF-8.") from exc
     except csv.Error as exc:
-        raise DataError(f"'{csv_path}' is not a valid CSV file: {exc}") from exc
+        raise DataError(f"'{csv_path}' line {start}: not valid CSV ({exc}); is a double quote left "
+                        "open in this row?") from exc
+    problems = [problem for line, row in rows for problem in _row_shape_problems(csv_path, line, row, header)]
+    if problems:
+        raise DataError(f"{len(problems)} malformed row(s) in '{csv_path}':\n  " + "\n  ".join(problems),
+                        problems)
     return header, rows
+
+
+# a line inside a quoted caption that looks like a row of its own: "<image file>,..."
+_SWALLOWED_ROW = re.compile(r"^\s*\"?[^,\"]+(" + "|".join(re.escape(e) for e in sorted(SUPPORTED_EXTENSIONS))
+                            + r")\"?\s*,", re.IGNORECASE)
+
+
+def _row_shape_problems(csv_path: Path, line: int, row: List[str], header: Optional[List[str]]) -> List[str]:
+    where = f"{csv_path.name} line {line}"
+    problems = []
+    if header and len(row) != len(header):
+        problems.append(f"{where}: {len(row)} cells, but the header has {len(header)} (a caption that "
+                        "contains a comma must be in double quotes)")
+    for cell in row:
+        swallowed = [text for text in cell.splitlines()[1:] if _SWALLOWED_ROW.match(text)]
+        if swallowed:
+            problems.append(f"{where}: a quoted cell runs on over {len(swallowed)} line(s) that look like "
+                            f"rows of their own (e.g. '{swallowed[0].strip()[:60]}'); a closing double "
+                            "quote is missing")
+            break
+    return problems
 
 
 def _read_metadata_csv(csv_path: Path, root: Path,

@@ -29,7 +29,8 @@ from typing import Dict, List, Tuple
 from .caption_sources import (METADATA_FILE_NAME, _caption_for, _find_metadata_csv, _read_metadata_csv,
                               _warn_missing_captions)
 from .dataset_index import DataError, DatasetIndex, ImageRecord, _accepted_extensions, _some_names
-from .images import SUPPORTED_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, UnreadableImage, load_rgb, probe_size
+from .images import (DEFAULT_MAX_PIXELS, SUPPORTED_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS, UnreadableImage,
+                     load_rgb, probe_size)
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
 # "10_mychar": 10 repeats of the images in folder "mychar".
@@ -58,11 +59,13 @@ def discover(
     default_repeats: int = 1,
     bad_image_policy: str = "fail",
     check_images: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> DatasetIndex:
     """Index the dataset in `train_data_dir`. See the module docstring for the layouts.
 
     check_images=True fully decodes every image (slow for big datasets, but finds truncated
-    files before training instead of in epoch 7); False only reads headers.
+    files before training instead of in epoch 7); False only reads headers. Images of more than
+    `max_pixels` pixels count as unreadable (see images.DEFAULT_MAX_PIXELS).
     Raises DataError with an actionable message for anything that stops training.
     """
     root = _check_root(train_data_dir)
@@ -80,7 +83,7 @@ def discover(
         images.setdefault(rel_path, path)  # the CSV may name files the walk skipped (hidden dirs)
 
     candidates = _plan_candidates(images, csv_entries, caption_extension, default_repeats, warnings)
-    records, bad = _inspect_candidates(candidates, check_images)
+    records, bad = _inspect_candidates(candidates, check_images, max_pixels)
     _handle_bad_images(bad, root, bad_image_policy, warnings)
     if not records:
         raise _empty_dataset_error(root, unsupported, bad, candidates_found=bool(images))
@@ -230,38 +233,38 @@ def _sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _inspect(candidate: _Candidate, check_images: bool) -> ImageRecord:
+def _inspect(candidate: _Candidate, check_images: bool, max_pixels: int) -> ImageRecord:
     try:
         sha256 = _sha256_of_file(candidate.path)
     except OSError as exc:
         raise UnreadableImage(candidate.path, f"cannot read file ({exc.strerror or exc})") from exc
     if check_images:
-        image = load_rgb(candidate.path)
+        image = load_rgb(candidate.path, max_pixels)
         width, height = image.size
         image.close()
     else:
-        width, height = probe_size(candidate.path)
+        width, height = probe_size(candidate.path, max_pixels)
     return ImageRecord(path=str(candidate.path), rel_path=candidate.rel_path,
                        caption=candidate.caption, repeats=candidate.repeats,
                        folder=candidate.folder, sha256=sha256, width=width, height=height,
                        caption_source=candidate.caption_source)
 
 
-def _inspect_or_report(candidate: _Candidate, check_images: bool):
+def _inspect_or_report(candidate: _Candidate, check_images: bool, max_pixels: int):
     try:
-        return _inspect(candidate, check_images)
+        return _inspect(candidate, check_images, max_pixels)
     except UnreadableImage as exc:
         return exc
 
 
-def _inspect_candidates(candidates: List[_Candidate], check_images: bool
+def _inspect_candidates(candidates: List[_Candidate], check_images: bool, max_pixels: int
                         ) -> Tuple[List[ImageRecord], List[Tuple[str, str]]]:
     """Hash and check every image: (good records in order, [(rel_path, reason)] of bad ones)."""
     # Pillow decodes and hashlib hashes with the GIL released, so threads give a real speed-up on
     # large datasets; map() keeps the input order, so the result stays deterministic.
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda c: _inspect_or_report(c, check_images), candidates))
+        results = list(pool.map(lambda c: _inspect_or_report(c, check_images, max_pixels), candidates))
     records, bad = [], []
     for candidate, result in zip(candidates, results):
         if isinstance(result, UnreadableImage):

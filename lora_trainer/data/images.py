@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import threading
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -31,6 +34,13 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _WHITE = (255, 255, 255, 255)
 _EXIF_ORIENTATION_TAG = 0x0112
+# Images above this many pixels are refused: one such file (a "decompression bomb", or a scan at
+# an absurd resolution) can take gigabytes of memory to decode. The config's
+# max_image_megapixels raises it.
+DEFAULT_MAX_PIXELS = 100_000_000
+# catch_warnings changes process-wide state: our threads take turns around the (cheap) header read
+_WARNINGS_LOCK = threading.Lock()
+_PILLOW_LIMIT_PIXELS = re.compile(r"\((\d+) pixels\)")
 _ORIENTATIONS_THAT_SWAP_AXES = frozenset({5, 6, 7, 8})
 
 
@@ -47,14 +57,15 @@ def is_supported_image(path: PathLike) -> bool:
     return Path(path).suffix.lower() in SUPPORTED_EXTENSIONS
 
 
-def load_rgb(path: PathLike) -> Image.Image:
+def load_rgb(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decode `path` into an upright 8-bit RGB image (transparency composited on white).
 
-    Raises UnreadableImage for anything that is not a complete, decodable image.
+    Raises UnreadableImage for anything that is not a complete, decodable image, or one of more
+    than `max_pixels` pixels.
     """
     _reject_empty_file(path)
     try:
-        with Image.open(path) as opened:
+        with _open_within_limit(path, max_pixels) as opened:
             # Image.open only parses the header; a truncated or corrupt body is only noticed on a
             # full decode. We rely on Pillow's default LOAD_TRUNCATED_IMAGES=False and never change
             # that global: flipping it would silently turn half-downloaded files into grey blocks.
@@ -67,13 +78,15 @@ def load_rgb(path: PathLike) -> Image.Image:
         raise UnreadableImage(path, _describe_decode_error(exc)) from exc
 
 
-def probe_size(path: PathLike) -> Tuple[int, int]:
+def probe_size(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), reading only the header. Cheap."""
     _reject_empty_file(path)
     try:
-        with Image.open(path) as opened:
+        with _open_within_limit(path, max_pixels) as opened:
             width, height = opened.size
             orientation = _exif_orientation(opened)
+    except UnreadableImage:
+        raise
     except Exception as exc:
         raise UnreadableImage(path, _describe_decode_error(exc)) from exc
     if orientation in _ORIENTATIONS_THAT_SWAP_AXES:
@@ -149,11 +162,48 @@ def _reject_empty_file(path: PathLike) -> None:
         raise UnreadableImage(path, "empty file (0 bytes)")
 
 
+def _open_within_limit(path: PathLike, max_pixels: int) -> Image.Image:
+    """Image.open (header only) that refuses more than `max_pixels` pixels with one clear reason,
+    instead of Pillow's own DecompressionBombWarning on the console (or its error at twice its
+    limit, whatever ours is)."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        _let_pillow_open(max_pixels)
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            found = _PILLOW_LIMIT_PIXELS.search(str(exc))
+            raise UnreadableImage(path, too_many_pixels(int(found.group(1)) if found else None,
+                                                        max_pixels)) from None
+    width, height = opened.size
+    if width * height > max_pixels:
+        opened.close()
+        raise UnreadableImage(path, too_many_pixels(width * height, max_pixels, (width, height)))
+    return opened
+
+
+def pixel_limit(megapixels: float) -> int:
+    """The config's max_image_megapixels as the pixel count load_rgb / probe_size take."""
+    return int(megapixels * 1_000_000)
+
+
+def _let_pillow_open(max_pixels: int) -> None:
+    # Pillow refuses images above twice its own global limit; a user who raised
+    # max_image_megapixels means it, so Pillow's limit follows ours up (never down).
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def too_many_pixels(pixels: Optional[int], max_pixels: int, size: Optional[Tuple[int, int]] = None) -> str:
+    shape = f"{size[0]} x {size[1]} = " if size else ""
+    amount = f"{shape}{pixels / 1e6:.1f} megapixels" if pixels else "more pixels than Pillow allows"
+    return (f"image too large ({amount}; the limit is {max_pixels / 1e6:g} megapixels); "
+            f"raise max_image_megapixels in the config if you trust this file")
+
+
 def _describe_decode_error(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a recognisable image (corrupt, or the extension does not match the content)"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"too many pixels ({exc})"
     message = str(exc) or type(exc).__name__
     if "truncated" in message.lower():
         return f"truncated file ({message})"

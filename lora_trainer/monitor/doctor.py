@@ -228,8 +228,7 @@ def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
     with tempfile.TemporaryDirectory(prefix="lora_trainer_doctor_") as folder:
         run_training(trial_config(cfg, Path(folder), steps), backbone, observers=[times], index=index)
     after = system.device_memory(device)
-    total = times.steps_per_epoch * cfg.epochs
-    total = min(total, cfg.max_train_steps) if cfg.max_train_steps else total
+    total = cfg.max_train_steps or times.steps_per_epoch * cfg.epochs   # as TrainingPlan counts
     return [Check("model load", "ok", f"{load_seconds:.1f} s ({cfg.base_model})"),
             Check("data prep", "ok", f"{times.prepare_seconds:.1f} s (LoRA setup, latents of "
                   f"{index.num_images} images; cached latents make it shorter next time)"),

@@ -51,7 +51,7 @@ def lora_metadata(trainer, output_name: str) -> dict:
         "ss_training_finished_at": str(int(time.time())),
         "ss_steps": str(trainer.position.global_step),
         "ss_epoch": str(trainer.position.epoch),
-        "ss_num_epochs": str(cfg.epochs),
+        "ss_num_epochs": str(plan.epochs_to_run),
         "ss_max_train_steps": str(plan.total_steps),
         "ss_learning_rate": str(cfg.learning_rate),
         "ss_unet_lr": str(cfg.learning_rate),

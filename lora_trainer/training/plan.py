@@ -35,8 +35,25 @@ class TrainingPlan:
 
     @property
     def total_steps(self) -> int:
-        full = self.steps_per_epoch * self.epochs
-        return min(full, self.max_train_steps) if self.max_train_steps else full
+        """kohya's rule: max_train_steps, when set, is the length of the run whichever way it
+        differs from `epochs` (200 steps on 40 steps per 10 epochs trains 200, in 50 epochs)."""
+        return self.max_train_steps or self.steps_per_epoch * self.epochs
+
+    @property
+    def epochs_to_run(self) -> int:
+        """Epochs the run touches: `epochs`, or as many as max_train_steps needs (the last may
+        be cut short)."""
+        if self.max_train_steps:
+            return math.ceil(self.max_train_steps / self.steps_per_epoch)
+        return self.epochs
+
+    def describe_length(self) -> str:
+        """What bounds the run, said at its start (so an unexpected length is no surprise)."""
+        per_epoch = f"{self.steps_per_epoch} steps per epoch"
+        if not self.max_train_steps:
+            return f"Training {self.total_steps} steps: epochs {self.epochs} x {per_epoch}."
+        return (f"Training {self.total_steps} steps: max_train_steps sets the length (epochs "
+                f"{self.epochs} is not used; {per_epoch}, so {self.epochs_to_run} epoch(s)).")
 
     @property
     def effective_batch(self) -> int:
@@ -68,7 +85,7 @@ def count_batches(index, batch_size: int, buckets=None) -> int:
 def iterate_steps(plan: TrainingPlan, index, seed: int, start_epoch: int, start_batch: int, buckets=None):
     """Yield the StepSlices from (start_epoch, start_batch) to the end of the plan (the caller
     stops after plan.total_steps steps in all)."""
-    for epoch in range(start_epoch, plan.epochs):
+    for epoch in range(start_epoch, plan.epochs_to_run):
         batches = epoch_batches(index, epoch, seed, plan.batch_size, buckets)
         first = start_batch if epoch == start_epoch else 0
         for b in range(first, len(batches), plan.accumulation):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data.captions import process_caption
-from ..data.images import load_rgb, resize_and_crop, to_tensor
+from ..data.images import load_rgb, pixel_limit, resize_and_crop, to_tensor
 from ..data.order import sample_rng
 from .caches import DiskCache, cache_key, default_cache_dir
 
@@ -63,7 +63,7 @@ class SampleSource:
     def _encode_record(self, record_idx: int, rng: random.Random | None) -> tuple[torch.Tensor, dict]:
         record = self.records[record_idx]
         width, height = self.buckets.per_record[record_idx]
-        img = load_rgb(record.path)
+        img = load_rgb(record.path, pixel_limit(self.cfg.max_image_megapixels))
         crop = "random" if rng is not None else "center"
         img, (top, left), original = resize_and_crop(img, width, height, crop=crop, rng=rng)
         # The VAE sample's seed comes from the image bytes, so a cached latent is valid for any

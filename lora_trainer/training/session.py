@@ -13,6 +13,7 @@ import torch
 
 from ..config.load import cfg_warnings, write_effective_config
 from ..data.discovery import discover
+from ..data.images import pixel_limit
 from ..datatools.checks import check_before_training
 from ..monitor.logfile import attach_run_log
 from ..monitor.run_log import run_monitors
@@ -47,7 +48,7 @@ def base_dtype(cfg, device: torch.device) -> torch.dtype:
 def index_dataset(cfg):
     return discover(cfg.train_data_dir, metadata_path=cfg.metadata_path,
                     caption_extension=cfg.caption_extension, default_repeats=cfg.repeats,
-                    bad_image_policy=cfg.bad_image_policy)
+                    bad_image_policy=cfg.bad_image_policy, max_pixels=pixel_limit(cfg.max_image_megapixels))
 
 
 def set_aside_old_run(run_dir: Path) -> Path | None:

@@ -216,6 +216,7 @@ class Trainer:
                    "settings'); to train again from scratch, turn resume off (--no-resume).")
             self.say(msg)
             return self._result("already_finished", msg)
+        self.say(self.plan.describe_length())
         self._describe_data()
         if self.dist.is_main:  # rank 0 fills the disk cache once; the others then read it
             self.samples.precompute_latents()
@@ -410,7 +411,7 @@ class Trainer:
     def _start_info(self, resumed: bool) -> dict:
         trainable = sum(p.numel() for _, p in self.named_params)
         return {"resumed": resumed, "start_step": self.position.global_step,
-                "total_steps": self.plan.total_steps, "epochs": self.plan.epochs,
+                "total_steps": self.plan.total_steps, "epochs": self.plan.epochs_to_run,
                 "steps_per_epoch": self.plan.steps_per_epoch, "num_images": self.index.num_images,
                 "num_samples": self.index.num_samples, "effective_batch": self.plan.effective_batch,
                 "trainable_parameters": trainable, "lora_layers": len(self.network.adapters),

@@ -47,6 +47,7 @@ LABELS = {
     "base_model_config": "Base model config folder",
     "output_dir": "Output folder",
     "output_name": "LoRA name",
+    "overwrite_output": "Replace a LoRA of that name another run wrote",
     "run_dir": "Run folder",
     "lora_rank": "LoRA rank",
     "lora_alpha": "LoRA alpha",
