@@ -25,8 +25,10 @@ from torch import nn
 
 from lora_trainer.backbones.diffusers_sd import load_backbone
 from lora_trainer.backbones.ldm_keys import unet_ldm_module_name
-from lora_trainer.lora.kohya_file import layer_ranks, read_lora_file
+from lora_trainer.lora.kohya_file import file_layers, read_lora_file
 from lora_trainer.lora.kohya_names import webui_candidate_names
+
+from kohya_reference import layer_delta
 
 
 class _Node(nn.Module):
@@ -200,7 +202,7 @@ def make_networks_standin(sd_model):
         mapping = sd_model.network_layer_mapping
         merged = 0
         with torch.no_grad():
-            for layer, (rank, alpha) in layer_ranks(tensors).items():
+            for layer, keys in file_layers(tensors).items():
                 target = next((mapping[c] for c in webui_candidate_names(layer) if c in mapping), None)
                 if target is None:
                     continue
@@ -208,15 +210,8 @@ def make_networks_standin(sd_model):
                     target.network_weights_backup = target.weight.detach().to("cpu", copy=True)
                     target.network_bias_backup = (target.bias.detach().to("cpu", copy=True)
                                                   if target.bias is not None else None)
-                up = tensors[f"{layer}.lora_up.weight"].float()
-                down = tensors[f"{layer}.lora_down.weight"].float()
-                if up.dim() == 4 and down.shape[2:] == (1, 1):
-                    delta = (up.flatten(1) @ down.flatten(1)).reshape(target.weight.shape)
-                elif up.dim() == 4:
-                    delta = torch.einsum("or,rihw->oihw", up.flatten(1), down)
-                else:
-                    delta = up @ down
-                target.weight += (delta * multiplier * alpha / rank).to(target.weight.dtype)
+                delta = layer_delta(keys, target.weight, multiplier)   # any type: the WebUI's rules
+                target.weight += delta.to(target.weight.dtype)
                 target.network_current_names = ((name, multiplier, multiplier, None),)
                 merged += 1
         mod.loaded_networks.append(types.SimpleNamespace(name=name, te_multiplier=multiplier,

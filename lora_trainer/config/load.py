@@ -94,7 +94,22 @@ def _absolutize_override_paths(overrides: Mapping[str, Any]) -> dict:
 # Building a TrainConfig
 # ---------------------------------------------------------------------------------------------------
 
+# LyCORIS options users bring along that this trainer does not have: say so instead of "unknown key"
+UNSUPPORTED_KEYS = {
+    "use_tucker": "Tucker decomposition is not supported: LoCon/LoHa/LoKr convolutions are trained with "
+                  "the kernel inside the factors (no lora_mid / hada_t1 / hada_t2 / lokr_t2); remove the key",
+    "use_cp": "Tucker (CP) decomposition is not supported; remove the key",
+    "decompose_both": "LoKr's decompose_both is not supported: lokr_w1 is always a full matrix; remove the key",
+    "factor": "did you mean 'lokr_factor'?",
+    "algo": "did you mean 'adapter_type'?",
+    "network_module": "did you mean 'adapter_type'?",
+    "dora_wd": "did you mean 'dora'?",
+}
+
+
 def _unknown_key_problem(key) -> str:
+    if str(key) in UNSUPPORTED_KEYS:
+        return UNSUPPORTED_KEYS[str(key)]
     hint = difflib.get_close_matches(str(key), list(field_specs()), n=1, cutoff=0.6)
     if hint:
         return f"unknown key; did you mean {hint[0]!r}?"
@@ -147,6 +162,7 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
             values[spec.name] = _value_for(spec, d, base_dir, required)
         except ValueProblem as problem:
             problems.append((spec.name, str(problem)))
+    problems += [] if problems else _adapter_problems(values)
     if problems:
         raise ConfigError(source, _file_order(problems, d))
     if values["run_dir"] is None:
@@ -156,6 +172,17 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
     if overlap:
         raise ConfigError(source, [("run_dir", overlap)])
     return TrainConfig(**values)
+
+
+def _adapter_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Adapter options that contradict each other (each problem names the field to change)."""
+    problems = []
+    if values["lokr_factor"] == 0:
+        problems.append(("lokr_factor", "must be -1 (automatic) or a factor >= 1, got 0"))
+    if values["lokr_factor"] != -1 and values["adapter_type"] != "lokr":
+        problems.append(("lokr_factor", f"only applies to adapter_type: lokr (this is "
+                                        f"{values['adapter_type']}); remove it or set adapter_type: lokr"))
+    return problems
 
 
 def _is_within(inner: str, outer: str) -> bool:
@@ -239,8 +266,10 @@ def cfg_warnings(cfg: TrainConfig) -> list[str]:
     warnings = []
     if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
         warnings.append("text_encoder_lr is set but train_text_encoder is false; it has no effect.")
-    if (cfg.conv_rank is not None or cfg.conv_alpha is not None) and cfg.target_modules != "locon":
-        warnings.append("conv_rank/conv_alpha only apply with target_modules: locon; they are ignored.")
+    if ((cfg.conv_rank is not None or cfg.conv_alpha is not None) and cfg.target_modules != "locon"
+            and cfg.adapter_type != "locon"):
+        warnings.append("conv_rank/conv_alpha only apply with target_modules: locon (or adapter_type: "
+                        "locon); they are ignored.")
     if cfg.preview_every_n_steps > 0 and not cfg.preview_prompts:
         warnings.append("preview_every_n_steps is set but preview_prompts is empty; no previews.")
     return warnings

@@ -121,20 +121,36 @@ class TrainConfig:
     lora_alpha: Optional[float] = setting(None, "LoRA alpha; the update is scaled by alpha/rank. "
                                           "Default: equal to lora_rank (scale 1).", "LoRA", min=0.0,
                                           resume="fixed")
+    adapter_type: str = setting(
+        "lora", "Adapter math: 'lora' (kohya LoRA), 'locon' (LoRA on the ResNet/sampler convolutions too: "
+        "the same as target_modules: locon), 'loha' (LyCORIS Hadamard product) or 'lokr' (LyCORIS "
+        "Kronecker product). Every type loads in the WebUI as <lora:name:w>.", "LoRA",
+        choices=("lora", "locon", "loha", "lokr"), resume="fixed")
+    dora: bool = setting(False, "DoRA (weight-decomposed): also train a magnitude per input channel, as "
+                         "LyCORIS's dora_wd; written as dora_scale, which the WebUI applies.", "LoRA",
+                         resume="fixed", advanced=True)
     target_modules: str = setting(
-        "attn-mlp", "Which UNet layers get LoRA: 'attn' (attention q/k/v/out), 'attn-mlp' (+ feed-forward "
-        "and proj_in/out, kohya's default) or 'locon' (+ ResNet and sampler convolutions).", "LoRA",
+        "attn-mlp", "Which UNet layers get an adapter: 'attn' (attention q/k/v/out), 'attn-mlp' (+ "
+        "feed-forward and proj_in/out, kohya's default) or 'locon' (+ ResNet and sampler convolutions; "
+        "adapter_type: locon selects it too).", "LoRA",
         choices=("attn", "attn-mlp", "locon"), resume="fixed")
-    conv_rank: Optional[int] = setting(None, "Rank for 3x3 convolutions with target_modules: locon "
-                                       "(default lora_rank).", "LoRA", min=1, max=1024, resume="fixed",
-                                       advanced=True)
-    conv_alpha: Optional[float] = setting(None, "Alpha for 3x3 convolutions (default conv_rank).", "LoRA",
-                                          min=0.0, resume="fixed", advanced=True)
+    conv_rank: Optional[int] = setting(None, "Rank for 3x3 convolutions with target_modules: locon or "
+                                       "adapter_type: locon (default lora_rank).", "LoRA", min=1, max=1024,
+                                       resume="fixed", advanced=True)
+    conv_alpha: Optional[float] = setting(None, "Alpha for 3x3 convolutions (default: conv_rank when "
+                                          "conv_rank is set, else lora_alpha).", "LoRA", min=0.0,
+                                          resume="fixed", advanced=True)
+    lokr_factor: int = setting(-1, "LoKr: split each layer's sides as close to this factor as they divide "
+                               "(-1: as balanced as possible, LyCORIS's default). Where lora_rank is at "
+                               "least half the larger factor, the factor is stored whole (full matrix, "
+                               "scale 1) as LyCORIS does.", "LoRA", min=-1, max=8192, resume="fixed",
+                               advanced=True)
     train_text_encoder: bool = setting(False, "Also train LoRA on the text encoder(s).", "LoRA",
                                        resume="fixed")
     init_lora_from: Optional[str] = setting(
-        None, "Start from an existing kohya LoRA file (incremental training). Its rank must equal "
-        "lora_rank.", "LoRA", path="file", resume="fixed")
+        None, "Start from an existing LoRA file of the same adapter_type (incremental training). Its ranks "
+        "must equal lora_rank / conv_rank (and its LoKr factor lokr_factor); alphas come from the file.",
+        "LoRA", path="file", resume="fixed")
 
     # ---- Training -----------------------------------------------------------------------------------
     batch_size: int = setting(1, "Images per micro-batch.", "Training", min=1, max=1024, resume="fixed")

@@ -1,6 +1,7 @@
 """Reading and writing LoRA files in kohya's format (what the WebUI, Forge, ComfyUI and diffusers load).
 
-Keys: `<layer>.lora_down.weight`, `<layer>.lora_up.weight`, `<layer>.alpha` (0-dim). Metadata values
+Keys: `<layer>.<key>` with the keys of the layer's adapter variant (lora.adapters: `lora_down.weight`,
+`lora_up.weight`, `hada_w1_a`, `lokr_w1`, …, `alpha` 0-dim, `dora_scale`). Metadata values
 are strings (safetensors requires it; the WebUI json-decodes the ones that start with '{').
 """
 from __future__ import annotations
@@ -14,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..storage.atomic import atomic_write_bytes
+from .adapters import Adapter, AdapterError, adapter_class_for, type_name
 from .network import LoRANetwork
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 class LoraFileError(ValueError):
@@ -25,13 +26,11 @@ class LoraFileError(ValueError):
 
 
 def network_tensors(network: LoRANetwork, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """`<layer>.<key>` for every adapter's file keys (its variant decides them)."""
     dtype = DTYPES[precision]
-    tensors = {}
-    for name, adapter in network.adapters.items():
-        tensors[f"{name}.lora_down.weight"] = adapter.down.weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = adapter.up.weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = adapter.alpha.detach().to("cpu", dtype)
-    return tensors
+    return {f"{name}.{key}": tensor.detach().to("cpu", dtype).contiguous()
+            for name, adapter in network.adapters.items()
+            for key, tensor in adapter.file_tensors().items()}
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,24 +44,43 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, metadata
 
 
-def layer_ranks(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
-    """layer name -> (rank, alpha) of a kohya LoRA state dict (alpha defaults to rank, as kohya does)."""
-    ranks = {}
+def file_layers(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """layer name -> {key suffix: tensor}. kohya layer names have no dots, so the first dot ends
+    the name (`lora_unet_…_to_q.lora_down.weight`)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.endswith(".lora_down.weight"):
-            layer = key[: -len(".lora_down.weight")]
-            rank = value.shape[0]
-            alpha = tensors.get(f"{layer}.alpha")
-            ranks[layer] = (rank, float(alpha) if alpha is not None else float(rank))
-    return ranks
+        layer, _, suffix = key.partition(".")
+        layers.setdefault(layer, {})[suffix] = value
+    return layers
+
+
+def layer_types(tensors: dict[str, torch.Tensor]) -> dict[str, type[Adapter] | None]:
+    """layer name -> the adapter variant its keys are (None: not one we know, e.g. OFT or Tucker
+    LoCon's `lora_mid`)."""
+    return {layer: adapter_class_for(keys) for layer, keys in file_layers(tensors).items()}
+
+
+def _type_of(kinds: set[tuple[str, bool]]) -> str:
+    return " and ".join(sorted(type_name(kind, dora) for kind, dora in kinds)) or "nothing"
 
 
 @torch.no_grad()
 def load_into_network(network: LoRANetwork, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a kohya state dict into a network with the same layers and ranks (incremental training)."""
-    ranks = layer_ranks(tensors)
-    missing = sorted(set(network.adapters) - set(ranks))
-    extra = sorted(set(ranks) - set(network.adapters))
+    """Copy a file into a network with the same layers, type and shapes (incremental training);
+    alphas come from the file."""
+    layers = file_layers(tensors)
+    classes = {name: cls for name, cls in layer_types(tensors).items() if name in network.adapters}
+    if any(cls is None for cls in classes.values()):
+        name = next(n for n, cls in classes.items() if cls is None)
+        raise LoraFileError(f"init_lora_from {source}: layer {name} has keys {sorted(layers[name])}, not a "
+                            "LoRA, LoHa or LoKr layout this trainer supports")
+    file_type = _type_of({(cls.kind, "dora_scale" in layers[n]) for n, cls in classes.items()})
+    run_type = _type_of({(network.adapters[n].kind, network.adapters[n].has_dora) for n in classes})
+    if classes and file_type != run_type:
+        raise LoraFileError(f"init_lora_from {source} is a {file_type} file, but this run trains {run_type}: "
+                            f"set adapter_type (and dora) to the file's type, or start without init_lora_from")
+    missing = sorted(set(network.adapters) - set(layers))
+    extra = sorted(set(layers) - set(network.adapters))
     problems = []
     if missing:
         problems.append(f"{len(missing)} trained layers are not in the file (e.g. {missing[0]}); "
@@ -70,21 +88,18 @@ def load_into_network(network: LoRANetwork, tensors: dict[str, torch.Tensor], so
     if extra:
         problems.append(f"{len(extra)} layers of the file do not exist in this model (e.g. {extra[0]}); "
                         "it was probably trained for another model family")
-    for name in sorted(set(ranks) & set(network.adapters)):
+    for name in sorted(set(layers) & set(network.adapters)):
         adapter = network.adapters[name]
-        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-        if down.shape != adapter.down.weight.shape or up.shape != adapter.up.weight.shape:
-            problems.append(f"layer {name}: file has rank {ranks[name][0]} / shapes {tuple(down.shape)}, "
-                            f"{tuple(up.shape)}; this run expects rank {adapter.rank} / shapes "
-                            f"{tuple(adapter.down.weight.shape)}, {tuple(adapter.up.weight.shape)} "
-                            "(set lora_rank to the file's rank)")
+        try:
+            adapter.load_file_tensors(layers[name])
+        except AdapterError as e:
+            file_rank = classes[name].spec_from_file(network.targets[name].module, layers[name]).rank
+            problems.append(f"layer {name}: the file has rank {file_rank}, this run rank {adapter.rank} ({e}); "
+                            "set lora_rank (conv_rank for 3x3 convolutions, lokr_factor for LoKr) to the "
+                            "file's values")
             break
     if problems:
         raise LoraFileError(f"init_lora_from {source} does not fit: " + "; ".join(problems))
-    for name, adapter in network.adapters.items():
-        adapter.down.weight.copy_(tensors[f"{name}.lora_down.weight"])
-        adapter.up.weight.copy_(tensors[f"{name}.lora_up.weight"])
-        adapter.alpha.copy_(torch.tensor(ranks[name][1]))
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor]) -> tuple[str, str]:
@@ -109,15 +124,26 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     return path
 
 
-def network_from_tensors(all_targets, tensors: dict[str, torch.Tensor]) -> tuple[LoRANetwork, list[str]]:
-    """A network over the layers a kohya file names (any rank per layer), e.g. another user's LoRA
-    stacked in a preview. Returns the network and the file's layer names this model does not have."""
-    ranks = layer_ranks(tensors)
-    targets = [t for t in all_targets if t.name in ranks]
-    unmatched = sorted(set(ranks) - {t.name for t in targets})
-    network = LoRANetwork(targets, rank=1, ranks={t.name: ranks[t.name] for t in targets})
-    with torch.no_grad():
-        for name, adapter in network.adapters.items():
-            adapter.down.weight.copy_(tensors[f"{name}.lora_down.weight"])
-            adapter.up.weight.copy_(tensors[f"{name}.lora_up.weight"])
-    return network, unmatched
+def network_from_tensors(all_targets, tensors: dict[str, torch.Tensor],
+                        dyn: int | None = None) -> tuple[LoRANetwork, list[str]]:
+    """A network over the layers a file names, of whatever variant and rank each layer is (e.g.
+    another user's LoRA stacked in a preview); `dyn` cuts ranks as the WebUI's `dyn=` does.
+    Returns the network and the file's layers this model does not have. A layer of a variant or
+    option we do not support raises LoraFileError naming it."""
+    by_name = {t.name: t for t in all_targets}
+    layers = file_layers(tensors)
+    adapters, unmatched = {}, []
+    for name, cls in sorted(layer_types(tensors).items()):
+        if name not in by_name:
+            unmatched.append(name)
+            continue
+        if cls is None:
+            raise LoraFileError(f"layer {name}: keys {sorted(layers[name])} are not a LoRA, LoHa or LoKr "
+                                "layout this trainer supports")
+        own = layers[name] if dyn is None else cls.cut_to_rank(layers[name], dyn)
+        try:
+            adapters[name] = cls.from_file(by_name[name].module, own)
+        except AdapterError as e:
+            raise LoraFileError(f"layer {name}: {e}") from e
+    targets = [by_name[name] for name in adapters]
+    return LoRANetwork(targets, adapters=adapters), unmatched

@@ -10,7 +10,7 @@ its third of `in_proj_weight`, the out update into `out_proj.weight`.
 Training does the same, differentiably: while adapters are attached, the attention's instance
 `forward` (lora.host) runs the module with `in_proj_weight + cat(Δq, Δk, Δv)` and
 `out_proj.weight + Δout` substituted for the parameters (`torch.func.functional_call`, which puts the
-parameters back when the call returns), where Δ = multiplier · alpha/rank · up @ down. The module
+parameters back when the call returns), where Δ is each adapter's `delta()` (any variant). The module
 tree, its parameters and `state_dict()` never change; a class-level patch of the forward (the WebUI
 patches `nn.MultiheadAttention.forward`) is what runs inside.
 """
@@ -50,7 +50,7 @@ class MultiheadAttentionHost(AdapterHost):
         deltas: dict[str, torch.Tensor] = {}
         for (_, slot), adapter in self.adapters.items():
             if adapter.multiplier != 0:
-                delta = adapter.linear_delta()
+                delta = adapter.delta()
                 deltas[slot] = delta if slot not in deltas else deltas[slot] + delta
         weights = {}
         in_proj = self.module.in_proj_weight

@@ -1,39 +1,52 @@
 """A LoRA network: one adapter per target layer, attached to / detached from a live model.
 
+The adapters may be any variant (lora.adapters): the network only uses the base class.
+
 Explicit lifecycle (peft-style): attach() / detach() for the forward-time path used in training and
 previews; merge() / unmerge() to bake the update into the base weights (unmerge restores the exact
 original bytes from a backup, not W - dW, so a round trip never drifts).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from . import host
-from .adapter import LoRAAdapter
+from .adapters import Adapter, AdapterSpec, build_adapter
 from .targets import LoraTarget
 
 
+def conv_spec(spec: AdapterSpec, conv_rank: int | None, conv_alpha: float | None) -> AdapterSpec:
+    """The spec of a 3x3 convolution: conv_rank / conv_alpha when set. With conv_rank set and
+    conv_alpha empty, alpha = conv_rank (kohya's rule); with neither, the layer is like the others."""
+    if conv_rank is None and conv_alpha is None:
+        return spec
+    rank = conv_rank or spec.rank
+    return replace(spec, rank=rank, alpha=conv_alpha if conv_alpha is not None else
+                   (spec.alpha if conv_rank is None else None))
+
+
 class LoRANetwork(nn.Module):
-    def __init__(self, targets: list[LoraTarget], rank: int, alpha: float | None = None,
-                 conv_rank: int | None = None, conv_alpha: float | None = None,
-                 ranks: dict[str, tuple[int, float]] | None = None):
-        """`ranks` (name -> (rank, alpha)) overrides the uniform rank, e.g. when loading a file."""
+    def __init__(self, targets: list[LoraTarget], rank: int = 8, alpha: float | None = None,
+                 conv_rank: int | None = None, conv_alpha: float | None = None, *,
+                 spec: AdapterSpec | None = None, adapters: dict[str, Adapter] | None = None):
+        """One adapter per target from `spec` (default: LoRA of `rank`/`alpha`), 3x3 convolutions
+        with conv_rank/conv_alpha; or the given `adapters` (name -> adapter, e.g. from a file)."""
         super().__init__()
         self.targets = {t.name: t for t in targets}
-        adapters = {}
-        for t in targets:
-            if ranks is not None:
-                r, a = ranks[t.name]
-            elif t.is_conv3x3:
-                r = conv_rank or rank
-                a = conv_alpha if conv_alpha is not None else (alpha if conv_rank is None else None)
-            else:
-                r, a = rank, alpha
-            adapters[t.name] = LoRAAdapter(t.module, r, a)
+        if adapters is None:
+            spec = spec or AdapterSpec("lora", rank, alpha)
+            convs = conv_spec(spec, conv_rank, conv_alpha)
+            adapters = {t.name: build_adapter(t.module, convs if t.is_conv3x3 else spec) for t in targets}
         self.adapters = nn.ModuleDict(adapters)
         self._attached = False
         self._merged_backup: dict[str, torch.Tensor] = {}
+
+    def is_untrained(self) -> bool:
+        """True while the network adds exactly nothing (every adapter's zero-initialised factor)."""
+        return all(adapter.is_untrained() for adapter in self.adapters.values())
 
     # ---- multipliers --------------------------------------------------------------------------------
     def set_multipliers(self, unet: float = 1.0, te: float = 1.0) -> None:

@@ -3,28 +3,25 @@ from __future__ import annotations
 
 import torch
 
-from ..lora.kohya_file import layer_ranks, network_from_tensors, read_lora_file
+from ..lora.adapters import adapter_class_for
+from ..lora.kohya_file import file_layers, network_from_tensors, read_lora_file
 from ..lora.network import LoRANetwork
 
 
 def truncate_rank(tensors: dict[str, torch.Tensor], dyn: int) -> dict[str, torch.Tensor]:
-    """The WebUI's `dyn`: keep the first `dyn` ranks of every layer but keep the scale alpha / rank
-    of the full rank (the WebUI slices up/down and leaves `dim` alone). Our adapters scale by
-    alpha / own rank, so alpha is rescaled to keep the same factor."""
-    out = dict(tensors)
-    for layer, (rank, alpha) in layer_ranks(tensors).items():
-        kept = min(dyn, rank)
-        out[f"{layer}.lora_down.weight"] = tensors[f"{layer}.lora_down.weight"][:kept]
-        out[f"{layer}.lora_up.weight"] = tensors[f"{layer}.lora_up.weight"][:, :kept]
-        out[f"{layer}.alpha"] = torch.tensor(alpha * kept / rank)
+    """The WebUI's `dyn=`: each layer's variant cuts its own tensors (only LoRA has a rank to cut;
+    the WebUI ignores `dyn` for the others)."""
+    out = {}
+    for layer, keys in file_layers(tensors).items():
+        cls = adapter_class_for(keys)
+        cut = cls.cut_to_rank(keys, dyn) if cls is not None else keys
+        out.update({f"{layer}.{k}": v for k, v in cut.items()})
     return out
 
 
 def build_network(targets, tensors, device, dyn: int | None = None) -> tuple[LoRANetwork, list[str]]:
     """A detached network over the live model's layers; also the file's layers the model lacks."""
-    if dyn is not None:
-        tensors = truncate_rank(tensors, dyn)
-    network, unmatched = network_from_tensors(targets, tensors)
+    network, unmatched = network_from_tensors(targets, tensors, dyn)
     network.to(device, torch.float32)
     return network, unmatched
 

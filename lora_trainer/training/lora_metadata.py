@@ -22,22 +22,35 @@ def _dataset_dirs(index) -> dict:
     return dirs
 
 
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(float(value))
+
+
+def network_metadata(network) -> dict:
+    """ss_network_module / _dim / _alpha / _args read from the adapters as built (after
+    init_lora_from too), never re-derived from the config: what the file's tensors say."""
+    plain = [a for n, a in sorted(network.adapters.items()) if not network.targets[n].is_conv3x3]
+    convs = [a for n, a in sorted(network.adapters.items()) if network.targets[n].is_conv3x3]
+    first = (plain or convs)[0]
+    args = first.network_args()
+    if convs:
+        args.update(conv_dim=str(convs[0].rank), conv_alpha=_number(float(convs[0].alpha)))
+    return {
+        "ss_network_module": first.network_module(),
+        "ss_network_dim": str(first.rank),
+        "ss_network_alpha": str(float(first.alpha)),
+        "ss_network_args": json.dumps(args) if args else None,
+    }
+
+
 def lora_metadata(trainer, output_name: str) -> dict:
     cfg, backbone, plan = trainer.cfg, trainer.backbone, trainer.plan
     family = backbone.family
     identity = backbone.identity()
-    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-    network_args = {}
-    if cfg.target_modules == "locon":
-        network_args = {"conv_dim": str(cfg.conv_rank or cfg.lora_rank),
-                        "conv_alpha": str(cfg.conv_alpha if cfg.conv_alpha is not None else alpha)}
     res = f"({cfg.resolution}, {cfg.resolution})"
     meta = {
         "ss_output_name": output_name,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(cfg.lora_rank),
-        "ss_network_alpha": str(float(alpha)),
-        "ss_network_args": json.dumps(network_args) if network_args else None,
+        **network_metadata(trainer.network),
         "ss_base_model_version": family.ss_base_model_version,
         "ss_v2": str(family.name == "sd2"),
         "ss_sd_model_name": Path(identity.get("source", "")).name,

@@ -13,6 +13,7 @@ import torch
 
 from ..lora.kohya_file import load_into_network, network_tensors, read_lora_file, save_lora_file
 from ..data.buckets import BucketPlan, BucketSpec
+from ..lora.adapters import adapter_setup
 from ..lora.network import LoRANetwork
 from ..lora.targets import select_targets
 from ..storage.checkpoints import CheckpointStore
@@ -83,12 +84,13 @@ class Trainer:
         self.backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         # kohya-name order: the seeded RNG initialises the adapters in this order, so backbones that
         # list the same layers in another order (diffusers vs the WebUI's LDM tree) train the same LoRA
-        targets = sorted(select_targets(self.backbone.lora_targets(), cfg.target_modules,
-                                        cfg.train_text_encoder), key=lambda t: t.name)
+        spec, preset = adapter_setup(cfg)
+        targets = sorted(select_targets(self.backbone.lora_targets(), preset, cfg.train_text_encoder),
+                         key=lambda t: t.name)
         # torch's global RNG initialises the adapters: seed it so a fresh run is reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.network = LoRANetwork(targets, cfg.lora_rank, cfg.lora_alpha, cfg.conv_rank, cfg.conv_alpha)
+            self.network = LoRANetwork(targets, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, spec=spec)
         if cfg.init_lora_from:
             tensors, _ = read_lora_file(cfg.init_lora_from)
             load_into_network(self.network, tensors, cfg.init_lora_from)

@@ -75,8 +75,8 @@ def _preserved_rng(device: torch.device):
 
 @torch.no_grad()
 def is_untrained(network) -> bool:
-    """True while the LoRA adds exactly nothing: every adapter's `up` is still zero (kohya's init)."""
-    return all(not adapter.up.weight.any() for adapter in network.adapters.values())
+    """True while the LoRA adds exactly nothing: every adapter's zero-initialised factor is still zero."""
+    return network.is_untrained()
 
 
 class WebuiPreviewer:
