@@ -72,3 +72,21 @@ def test_a_killed_rank_stops_the_run_and_one_process_resumes_it(make_config):
     assert result.status == "finished" and result.step == 6
     tensors, meta = read_lora_file(result.lora_path)
     assert meta["ss_steps"] == "6" and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_two_processes_train_a_lycoris_type_like_one_process(make_config):
+    """The adapter types need nothing of their own for multi-process training (LoKr + DoRA here:
+    the parameters with the most unusual shapes)."""
+    run = dict(RUN, epochs=1, adapter_type="lokr", dora=True, lora_rank=2, target_modules="locon")
+    multi = make_config("multi", gradient_accumulation_steps=1, **run)
+    proc = torchrun(["-m", "lora_trainer", "train", "--config", str(multi), "--quiet"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = train_from_config(load_config(make_config("single", gradient_accumulation_steps=2, **run)))
+    cfg = load_config(multi)
+    lora_multi, meta = read_lora_file(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors")
+    lora_single, _ = read_lora_file(single.lora_path)
+    assert any(k.endswith(".lokr_w1") for k in lora_single) and any(k.endswith(".dora_scale") for k in lora_single)
+    assert lora_multi.keys() == lora_single.keys() and meta["ss_steps"] == "3"
+    for k in lora_single:
+        a, b = lora_multi[k].double(), lora_single[k].double()
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (k, (a - b).abs().max())
