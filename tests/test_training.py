@@ -25,10 +25,15 @@ def fixed_inputs(backbone, seed=0, batch=2):
     return latents, t
 
 
-def test_exported_lora_loads_in_diffusers_and_reproduces_the_trained_model(make_config, tiny_sd1):
+@pytest.mark.parametrize("adapter", [{}, {"adapter_type": "locon", "conv_rank": 2}], ids=["lora", "locon"])
+def test_exported_lora_loads_in_diffusers_and_reproduces_the_trained_model(make_config, tiny_sd1, adapter):
+    """diffusers is the second, independent consumer for LoRA and LoCon. It has none for LoHa/LoKr
+    files with kohya names, and it maps a DoRA file's `dora_scale` onto peft's per-OUTPUT magnitude
+    vector, while the WebUI and LyCORIS read it per INPUT channel (checked: its render differs), so
+    DoRA's reference is the WebUI (tests/kohya_reference.py and the real-WebUI suite)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    cfg_path = make_config(train_text_encoder=True, learning_rate=2e-2, epochs=1)
+    cfg_path = make_config(train_text_encoder=True, learning_rate=2e-2, epochs=1, **adapter)
     result = train(cfg_path)
     tensors, meta = read_lora_file(result.lora_path)
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
