@@ -84,6 +84,50 @@ def app_started(_demo, app):
                     "sd_version": str(on_disk.sd_version)}
         return _locked("lora_trainer_test_matched", read)
 
+    @app.get("/lora_trainer_test/effect/{name}")
+    def effect(name: str):
+        # one UNet prediction (after the caption conditioning) with the file's adapters attached as
+        # training runs them, and with the WebUI's Lora extension applying the same file at weight 1
+        import networks
+        import torch
+        from lora_trainer.lora.kohya_file import network_from_tensors, read_lora_file
+        from lora_trainer.webui import lora_state
+        from lora_trainer.webui.backbone import WebuiBackbone
+        from lora_trainer.webui.env import WebuiEnv
+
+        def read():
+            env = WebuiEnv.current()
+            lora_state.clean_base_weights(env.sd_model, networks)
+            backbone = WebuiBackbone(env.sd_model, env, resolution=64)
+            networks.list_available_networks()
+            tensors, _ = read_lora_file(networks.available_networks[name].filename)
+            network, unmatched = network_from_tensors(backbone.lora_targets(), tensors)
+            network.to(backbone.device)
+            sizes = [{"original": (64, 64), "crop": (0, 0), "target": (64, 64)}]
+            noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+            def predict():
+                with torch.no_grad():
+                    cond = backbone.encode_text(["lt_demo, a red circle"], sizes)
+                    return backbone.predict(noise, torch.tensor([500]), cond).float().cpu()
+
+            base = predict()
+            network.attach()
+            try:
+                ours = predict()
+            finally:
+                network.detach()
+            networks.load_networks([name], [1.0], [1.0], [None])
+            try:
+                webui = predict()
+            finally:
+                networks.loaded_networks.clear()
+                lora_state.clean_base_weights(env.sd_model, networks)
+            return {"unmatched": len(unmatched), "layers": len(network.adapters),
+                    "ours_vs_webui": float((ours - webui).abs().max()),
+                    "effect": float((ours - base).abs().max()), "scale": float(base.abs().max())}
+        return _locked("lora_trainer_test_effect", read)
+
     @app.get("/lora_trainer_test/model_state")
     def model_state():
         from lora_trainer.lora import host
