@@ -128,3 +128,55 @@ def test_the_webui_backbone_trains_a_loha_and_the_standin_renders_it(make_config
     tensors, meta = read_lora_file(result.lora_path)
     assert any(k.endswith(".hada_w1_a") for k in tensors) and any(k.endswith(".dora_scale") for k in tensors)
     assert_standin_merge_equals_training_effect(tiny_sd1, tmp_path, result.lora_path)
+
+
+def test_headless_previews_stack_files_of_every_type(make_config, tmp_path, tiny_sd1):
+    """`<lora:a:w>` of a LoKr + DoRA and a LoHa file in a preview prompt renders what the WebUI's
+    rules merged into the weights render (the DoRA file first: the WebUI takes a DoRA norm over the
+    weight as the LoRAs before it left it, our previews over the base weight)."""
+    from types import SimpleNamespace
+
+    from lora_trainer.backbones.diffusers_sd import load_backbone
+    from lora_trainer.lora.adapters import AdapterSpec
+    from lora_trainer.lora.kohya_file import network_tensors, save_lora_file
+    from lora_trainer.lora.network import LoRANetwork
+    from lora_trainer.preview.engine import Previewer, preserved_training_state
+
+    from kohya_reference import layer_delta
+
+    backbone = load_backbone(str(tiny_sd1["single_file"]))
+    targets = [t for t in backbone.lora_targets()
+               if t.name.endswith(("attn2_to_k", "attn2_to_v", "self_attn_q_proj", "resnets_0_conv1"))]
+    g = torch.Generator().manual_seed(3)
+    for name, spec in (("lokr", AdapterSpec("lokr", 2, 1.0, dora=True)), ("loha", AdapterSpec("loha", 2, 1.0))):
+        network = LoRANetwork(targets, spec=spec)
+        with torch.no_grad():
+            for p in network.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        save_lora_file(tmp_path / "loras" / f"{name}.safetensors", network_tensors(network), {})
+    cfg = load_config(make_config(output_name="trained", lora_dir=str(tmp_path / "loras"), preview_steps=3))
+    trained = LoRANetwork(targets[:2], 2).attach()
+    trainer = SimpleNamespace(cfg=cfg, backbone=backbone, network=trained, run_dir=tmp_path / "run",
+                              lora_path=tmp_path / "out" / "trained.safetensors", say=lambda _: None)
+
+    def render(line):
+        previewer = Previewer(cfg, prompts=[line])
+        with preserved_training_state(trained, backbone.device):
+            return previewer.render_tensor(trainer, previewer.prompts[0])[0]
+
+    stacked = render("a red circle <lora:lokr:0.8> <lora:loha:0.6>")
+    trained.detach()
+    backups = {t.name: t.module.weight.detach().clone() for t in targets}
+    with torch.no_grad():
+        for name, weight in (("lokr", 0.8), ("loha", 0.6)):
+            layers = file_layers(read_lora_file(tmp_path / "loras" / f"{name}.safetensors")[0])
+            for t in targets:
+                t.module.weight += layer_delta(layers[t.name], t.module.weight, weight).float()
+    trained.attach()
+    merged = render("a red circle")
+    with torch.no_grad():
+        for t in targets:
+            t.module.weight.copy_(backups[t.name])
+    plain = render("a red circle")
+    assert (stacked - plain).abs().max() > 1e-3
+    assert (stacked - merged).abs().max() <= 1e-4
