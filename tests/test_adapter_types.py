@@ -190,3 +190,23 @@ def test_mismatched_and_unsupported_files_are_refused_by_name(model):
     oft = {"lora_unet_q.oft_blocks": torch.zeros(2, 4, 4)}
     with pytest.raises(LoraFileError, match="oft_blocks"):
         network_from_tensors(targets_of(m), oft)
+
+
+def test_config_maps_types_and_names_unsupported_or_contradicting_options(tmp_path):
+    from lora_trainer.config.load import ConfigError, config_from_dict
+    from lora_trainer.lora.adapters import adapter_setup
+
+    def cfg(**values):
+        return config_from_dict(values, tmp_path, required=())
+
+    with pytest.raises(ConfigError, match="use_tucker.*Tucker decomposition is not supported"):
+        cfg(adapter_type="loha", use_tucker=True)
+    with pytest.raises(ConfigError, match="lokr_factor.*only applies to adapter_type: lokr"):
+        cfg(lokr_factor=4)
+    with pytest.raises(ConfigError, match="adapter_type"):
+        cfg(adapter_type="oft")
+    assert adapter_setup(cfg(adapter_type="lokr", lokr_factor=4, dora=True)) == \
+        (AdapterSpec("lokr", 8, None, True, 4), "attn-mlp")
+    # an older config's LoCon (target_modules: locon) and the new word mean the same network
+    assert adapter_setup(cfg(target_modules="locon")) == adapter_setup(cfg(adapter_type="locon")) == \
+        (AdapterSpec("lora", 8, None, False, -1), "locon")

@@ -87,9 +87,6 @@ class Adapter(nn.Module):
         """The factor initialised to zero: while it is all zero the adapter changes nothing."""
         raise NotImplementedError
 
-    def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.kind, self.rank, float(self.alpha), self.has_dora, -1)
-
     @classmethod
     def spec_from_file(cls, base, tensors: dict[str, torch.Tensor]) -> AdapterSpec:
         raise NotImplementedError
@@ -195,7 +192,3 @@ def file_alpha(tensors: dict[str, torch.Tensor], rank: int | None) -> float | No
     alpha = tensors.get("alpha")
     return float(alpha) if alpha is not None else (float(rank) if rank is not None else None)
 
-
-def flat_conv(tensor: torch.Tensor) -> torch.Tensor:
-    """(r, in, kh, kw) -> (r, in*kh*kw): how LyCORIS stores a conv factor without Tucker."""
-    return tensor.reshape(tensor.shape[0], -1)

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, AdapterError, AdapterSpec, file_alpha
+from .base import Adapter, AdapterError, AdapterSpec, file_alpha, weight_shape
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -81,16 +81,13 @@ class LoKrAdapter(Adapter):
     def network_args(self) -> dict[str, str]:
         return {**super().network_args(), "factor": str(self.factor)}
 
-    def spec(self) -> AdapterSpec:
-        return AdapterSpec(self.kind, self.rank, float(self.alpha), self.has_dora, self.factor)
-
     @classmethod
     def spec_from_file(cls, base, tensors) -> AdapterSpec:
         for unsupported in ("lokr_w1_a", "lokr_t2"):
             if unsupported in tensors:
                 raise AdapterError(f"'{unsupported}' (LyCORIS decompose_both / Tucker) is not supported")
         w1 = tensors["lokr_w1"]
-        out_dim, in_dim = weight_shape_of(base)
+        out_dim, in_dim = weight_shape(base)[:2]
         factor = _factor_for(out_dim, in_dim, tuple(w1.shape))
         if "lokr_w2" in tensors:
             b, d = tensors["lokr_w2"].shape[:2]
@@ -98,12 +95,6 @@ class LoKrAdapter(Adapter):
             return AdapterSpec("lokr", rank, float(rank), "dora_scale" in tensors, factor)
         rank = tensors["lokr_w2_b"].shape[0]
         return AdapterSpec("lokr", rank, file_alpha(tensors, rank), "dora_scale" in tensors, factor)
-
-
-def weight_shape_of(base) -> tuple[int, int]:
-    from .base import weight_shape
-    shape = weight_shape(base)
-    return shape[0], shape[1]
 
 
 def _factor_for(out_dim: int, in_dim: int, w1_shape: tuple[int, int]) -> int:
