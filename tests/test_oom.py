@@ -200,3 +200,16 @@ def test_the_failed_attempt_is_freed_before_retrying(make_config, monkeypatch):
 def test_out_of_memory_is_recognised_by_its_message(message, expected):
     assert oom.is_out_of_memory(RuntimeError(message)) is expected
     assert oom.is_out_of_memory(oom.OutOfMemoryStop("Out of memory even at micro-batch 1")) is False
+
+
+def test_oom_ladder_works_for_a_lycoris_type(make_config, monkeypatch):
+    """The ladder knows nothing of adapter types: a LoHa + DoRA run halved from step 1 trains what a
+    run started at micro-batch 1 trains."""
+    lycoris = dict(adapter_type="loha", dora=True, lora_rank=2)
+    small, _, _ = train_recording(make_config, monkeypatch, "small", lambda size: False, batch_size=1,
+                                  gradient_accumulation_steps=2, **lycoris)
+    halved, seen, log = train_recording(make_config, monkeypatch, "oom_at_1", oom_when_batched_from_step(1),
+                                        batch_size=2, **lycoris)
+    assert any(k.endswith(".hada_w1_a") for k in small) and any(k.endswith(".dora_scale") for k in small)
+    assert seen.micro_batches == [1] * 6 and "micro-batch halved to 1" in log
+    assert largest_relative_difference(halved, small) <= 1e-5
