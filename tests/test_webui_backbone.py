@@ -621,8 +621,8 @@ def test_refusals(env, standin, tmp_path):
     with pytest.raises(job.CannotTrain, match="inpainting"):
         job.check_can_train(env)
     standin.model.diffusion_model.in_channels = 4
-    with pytest.raises(job.CannotTrain, match="Forge"):
-        job.check_can_train(WebuiEnv(sd_model=types.SimpleNamespace(forge_objects=object(), model=None)))
+    with pytest.raises(job.CannotTrain, match="neither AUTOMATIC1111's"):
+        job.check_can_train(WebuiEnv(sd_model=types.SimpleNamespace(model=None)))
     with pytest.raises(job.CannotTrain, match="No Stable Diffusion model"):
         job.check_can_train(WebuiEnv())
     with pytest.raises(ValueError, match="inside the WebUI's LoRA folder"):

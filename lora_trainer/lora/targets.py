@@ -24,6 +24,17 @@ UNET_PRESETS = {
 }
 
 
+def is_linear(module) -> bool:
+    """An `nn.Linear`, or a layer that is one in all but class: Forge's `operations.Linear` is a
+    plain `nn.Module` with `in_features`, `out_features` and a 2-D `weight`, applied as x W^T + b."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(module, nn.Module) and isinstance(weight, nn.Parameter) and weight.dim() == 2
+            and isinstance(getattr(module, "in_features", None), int)
+            and tuple(weight.shape) == (module.out_features, module.in_features))
+
+
 def transformer_block_role(path: str) -> str | None:
     """Role of a layer inside a transformer block: the same names in diffusers and LDM/SGM UNets."""
     if path.endswith(("to_q", "to_k", "to_v", "to_out.0")):

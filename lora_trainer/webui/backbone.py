@@ -28,7 +28,7 @@ from torch import nn
 from ..backbones.families import FAMILIES, SD2_V
 from ..lora.kohya_names import webui_compvis_name
 from ..lora.mha import mha_projections
-from ..lora.targets import TEXT, LoraTarget
+from ..lora.targets import TEXT, LoraTarget, is_linear
 from .names import (LAYOUTS, LayerName, NameTable, family_of, ldm_unet_role, open_clip_attention_kohya_names,
                     open_clip_layer_index, resolve_in_webui, text_encoder_kohya_name, text_encoder_webui_name,
                     unet_kohya_name, unet_webui_name)
@@ -356,7 +356,7 @@ class WebuiBackbone:
                     layers.extend(self._attention_layers(encoder, path, module, run_layers, webui_names,
                                                          unresolved))
                     continue
-                if not isinstance(module, nn.Linear):
+                if not is_linear(module):
                     continue
                 kohya = text_encoder_kohya_name(path, encoder)
                 if kohya is None:

@@ -46,12 +46,15 @@ class WebuiEnv:
     sd_hijack: Any = None             # modules.sd_hijack
     prompt_parser: Any = None         # modules.prompt_parser (SdConditioning)
     models_path: str | None = None    # modules.paths.models_path
+    is_forge: bool = False            # Stable Diffusion WebUI Forge (lora_trainer.webui.forge)
+    memory_management: Any = None     # Forge: backend.memory_management
 
     @classmethod
     def current(cls, with_model: bool = True) -> "WebuiEnv":
         """Handles of the running WebUI. Fails with a clear message outside the WebUI.
         `with_model=False` leaves `sd_model` out: reading `shared.sd_model` loads the checkpoint
-        if none is loaded yet (not wanted while the UI is being built)."""
+        if none is loaded yet (not wanted while the UI is being built). In Forge, `with_model`
+        loads the selected checkpoint if it is not yet (Forge loads at the first generation)."""
         try:
             from modules import call_queue, devices, paths, processing, prompt_parser, sd_hijack, shared
         except ImportError as e:
@@ -62,10 +65,18 @@ class WebuiEnv:
             extra_pages = ui_extra_networks.extra_pages
         except ImportError:
             extra_pages = []
-        return cls(sd_model=shared.sd_model if with_model else None, state=shared.state, cmd_opts=shared.cmd_opts,
+        from .forge import forge_loaded_model, running_in_forge
+
+        forge, memory_management, sd_model = running_in_forge(), None, None
+        if forge:
+            from backend import memory_management
+        if with_model:
+            sd_model = forge_loaded_model() if forge else shared.sd_model
+        return cls(sd_model=sd_model, state=shared.state, cmd_opts=shared.cmd_opts,
                    opts=shared.opts, networks=lora_extension_module(), processing=processing,
                    extra_pages=extra_pages, call_queue=call_queue, devices=devices, sd_hijack=sd_hijack,
-                   prompt_parser=prompt_parser, models_path=paths.models_path)
+                   prompt_parser=prompt_parser, models_path=paths.models_path, is_forge=forge,
+                   memory_management=memory_management)
 
     def option(self, name: str, default=None):
         if self.opts is None:

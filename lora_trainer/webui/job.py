@@ -7,8 +7,10 @@ the progress bar (`/internal/progress`) and turns an exception into an error mes
 a non-reentrant FIFO lock: nothing inside a job may call the WebUI's HTTP API (deadlock).
 
 Order of a job:
-1. refuse what cannot work (no model, --lowvram, Forge, inpainting/fp8/SD3 models);
-2. `clean_base_weights`: undo LoRAs the last generation merged into the weights, verify;
+1. refuse what cannot work (no model, --lowvram, inpainting/fp8/SD3 models; in Forge: low-bit
+   storage, families other than SD1);
+2. `clean_base_weights`: undo LoRAs the last generation merged into the weights, verify (Forge:
+   `forge.clean_forge_weights`, and weights autograd can use for the job: `forge.AutogradWeights`);
 3. `ModelGuard`: digest of every weight; on exit adapters off, flags back, digest checked;
 4. `run_training` with the WebUI backbone, the progress observer (Interrupt = clean stop with a
    checkpoint) and an observer that refreshes the WebUI's Lora caches after each save.
@@ -49,9 +51,15 @@ def check_can_train(env: WebuiEnv) -> None:
     model = env.sd_model
     if model is None:
         raise CannotTrain("No Stable Diffusion model is loaded; pick a checkpoint first.")
-    if hasattr(model, "forge_objects") or getattr(model, "model", None) is None:
-        raise CannotTrain("Training on the loaded model needs AUTOMATIC1111's WebUI (v1.10); this "
-                          "model object looks like Forge's, which is not supported yet.")
+    if env.is_forge or hasattr(model, "forge_objects"):
+        from .forge import CannotTrainOnForge, check_can_train_forge
+        try:
+            check_can_train_forge(model)
+        except CannotTrainOnForge as e:
+            raise CannotTrain(str(e)) from e
+        return
+    if getattr(model, "model", None) is None:
+        raise CannotTrain("The loaded model is neither AUTOMATIC1111's (v1.10) nor Forge's; it cannot be trained.")
     if env.cmd_option("lowvram", False):
         raise CannotTrain("The WebUI runs with --lowvram, which keeps the model in pieces on the CPU; "
                           "training needs it on the GPU. Restart the WebUI without --lowvram "
@@ -145,6 +153,24 @@ def webui_previewer(cfg, env: WebuiEnv):
 
 # ---- the job --------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _host_backbone(model, env: WebuiEnv, cfg):
+    """The backbone over the loaded model, after the LoRAs of earlier generations are taken off.
+    A1111: the Lora extension's merges undone (lora_state). Forge: its patchers' LoRA patches
+    removed and, for the job, weights autograd can use (forge.py)."""
+    if not env.is_forge:
+        log.info("%s", clean_base_weights(model, env.networks).summary())
+        yield WebuiBackbone(model, env=env, resolution=cfg.resolution)
+        return
+    from .forge import clean_forge_weights
+    from .forge_backbone import ForgeBackbone
+
+    log.info("%s", clean_forge_weights(model, env.memory_management).summary())
+    backbone = ForgeBackbone(model, env=env, resolution=cfg.resolution,
+                             memory_management=env.memory_management)
+    with backbone.autograd:
+        yield backbone
+
 class _RefreshWebuiLoras(TrainingObserver):
     """After every LoRA file write: the WebUI sees the new file, not cached copies of the old one."""
 
@@ -202,14 +228,12 @@ def train_on_loaded_model(cfg, *, env: WebuiEnv | None = None, control: Training
         model = env.sd_model
         control = control or TrainingControl()
         run_training = _run_training()
-        report = clean_base_weights(model, env.networks)
-        log.info("%s", report.summary())
         refresher = _RefreshWebuiLoras(env)
         progress = [WebuiProgress(control, env.state)] if env.state is not None else []
         _current_control = control
         try:
-            with ModelGuard(model) as guard, torch.inference_mode(False), torch.enable_grad():
-                backbone = WebuiBackbone(model, env=env, resolution=cfg.resolution)
+            with torch.inference_mode(False), _host_backbone(model, env, cfg) as backbone, \
+                    ModelGuard(backbone.model) as guard, torch.enable_grad():
                 check_resume_model(cfg, backbone)
                 cfg = prepare_config(cfg, env, backbone)
                 if previewer is None:

@@ -14,7 +14,8 @@
    (card list rescan) and forget what it cached about the old one (per-layer merge cache, the
    class-level prompt-conditioning cache).
 
-A1111 v1.10 only; Forge keeps no such backups (refused by `clean_base_weights`).
+A1111 v1.10's Lora extension; Forge's patchers are handled in `forge.py` (`invalidate_webui_lora_caches`
+hands Forge over to it).
 """
 from __future__ import annotations
 
@@ -234,6 +235,9 @@ def invalidate_webui_lora_caches(env: WebuiEnv | None = None, names=()) -> list[
     prompt-conditioning cache so the next `<lora:name:w>` uses the file as it is now. Returns what
     was done (for the log)."""
     env = env or WebuiEnv.current()
+    if env.is_forge:
+        from .forge import invalidate_forge_lora_caches
+        return invalidate_forge_lora_caches(env, names)
     done = []
     networks = env.networks
     if networks is not None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..lora.kohya_names import kohya_name, ldm_path_to_kohya_diffusers, webui_candidate_names
-from ..lora.targets import PROJECTION, RESNET, SAMPLER, transformer_block_role
+from ..lora.targets import PROJECTION, RESNET, SAMPLER, is_linear, transformer_block_role
 
 # ---- per-family layout (data) ---------------------------------------------------------------------
 
@@ -97,7 +97,7 @@ _RESNET_LEAVES = re.compile(r"\.(in_layers\.2|out_layers\.3|emb_layers\.1|skip_c
 def ldm_unet_role(path: str, module: nn.Module) -> str | None:
     """Role (lora.targets) of an LDM UNet layer, `path` relative to `diffusion_model`; None if LoRA
     never targets it. Same classes as the diffusers backbone's `unet_role`, spelled in LDM names."""
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if not (isinstance(module, nn.Conv2d) or is_linear(module)):
         return None
     parts = path.split(".")
     leaf = parts[-1]

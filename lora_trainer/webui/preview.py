@@ -145,7 +145,7 @@ class WebuiPreviewer:
         untrained = is_untrained(trainer.network)
         # the file the Lora extension will apply; an all-zero LoRA is left out of the prompts instead
         lora_path = trainer.lora_path if untrained else trainer.save_lora()
-        modes = [(m, m.training) for m in model.modules()]
+        modes = [(m, m.training) for m in trainer.backbone.model.modules()]
         grad = torch.is_grad_enabled()
         network = trainer.network
         network.detach()
@@ -153,7 +153,7 @@ class WebuiPreviewer:
         try:
             invalidate_webui_lora_caches(env, names=[Path(lora_path).stem])
             with _preserved_rng(trainer.backbone.device), torch.no_grad():
-                model.eval()
+                trainer.backbone.model.eval()
                 for n, prompt in enumerate(self.prompts):
                     image, info = self._process(prompt, untrained)
                     if image is None:
@@ -163,8 +163,12 @@ class WebuiPreviewer:
                     self._show(image)
         finally:
             try:
-                report = clean_base_weights(model, env.networks)   # undo the extension's merges
-                log.debug("after previews: %s", report.summary())
+                restore = getattr(trainer.backbone, "restore_after_generation", None)
+                if restore is not None:   # the host undoes its own LoRA patching (Forge)
+                    restore()
+                else:
+                    report = clean_base_weights(model, env.networks)   # undo the extension's merges
+                    log.debug("after previews: %s", report.summary())
                 invalidate_webui_lora_caches(env, names=[Path(lora_path).stem])
             finally:
                 for m, flag in modes:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..host import LinearSlot
+from ..targets import is_linear
 from . import dora
 
 
@@ -41,7 +42,7 @@ class AdapterSpec:
 def weight_shape(base) -> tuple[int, ...]:
     if isinstance(base, nn.Conv2d):
         return (base.out_channels, base.in_channels, *base.kernel_size)
-    if isinstance(base, (nn.Linear, LinearSlot)):   # a slot: e.g. MultiheadAttention's q (lora.mha)
+    if isinstance(base, LinearSlot) or is_linear(base):   # a slot: e.g. MultiheadAttention's q (lora.mha)
         return (base.out_features, base.in_features)
     raise TypeError(f"adapters support Linear and Conv2d layers, not {type(base).__name__}")
 
