@@ -213,6 +213,11 @@ def _check_range(spec: FieldSpec, value):
     return value
 
 
+# Values earlier versions wrote (into every run's config.yaml and checkpoint) that now have another
+# name: they keep loading, and a resume does not see them as a change.
+LEGACY_VALUES = {"task_type": {"sd-lora": "sd"}}
+
+
 def coerce_value(name: str, raw):
     """Turn one raw value (YAML, CLI or UI) into the field's type, or raise ValueProblem.
 
@@ -230,7 +235,7 @@ def coerce_value(name: str, raw):
         raw = _yaml_bool_as_choice(spec, raw)
     value = _CONVERTERS[spec.kind](raw)
     if spec.kind == "str":
-        value = _check_choice(spec, value)
+        value = _check_choice(spec, LEGACY_VALUES.get(name, {}).get(value, value))
     if spec.kind in ("int", "float"):
         value = _check_range(spec, value)
     return value

@@ -47,6 +47,8 @@ are `--flag` / `--no-flag`, lists repeat the flag, and `none` clears an optional
   you must confirm it; *fixed*: the checkpoint cannot continue with another value, start a new run
   (new `output_name` or `run_dir`).
 * Keys marked *(advanced)* are folded away in the WebUI tab.
+* Keys marked *(task_type: … only)* belong to one task type: in a run of another task type they are
+  ignored (a warning names any that is set) and their paths need not exist.
 """
 
 
@@ -89,6 +91,8 @@ def _allowed_cell(spec: FieldSpec) -> str:
 def _row(spec: FieldSpec) -> str:
     key = f"`{spec.name}`<br>`{spec.flag}`"
     description = _cell(spec.meta["help"]) + (" *(advanced)*" if spec.meta.get("advanced") else "")
+    if spec.meta.get("tasks"):
+        description += f" *(task_type: {', '.join(spec.meta['tasks'])} only)*"
     cells = [key, _type_cell(spec), _default_cell(spec), _allowed_cell(spec), description,
              _RESUME_NAMES[spec.meta["resume"]]]
     return "| " + " | ".join(cells) + " |"

@@ -30,9 +30,10 @@ from .schema import GROUPS, TrainConfig
 # Keys without which no training can start, with the hint shown when one is missing.
 REQUIRED_KEYS: dict[str, str] = {
     "train_data_dir": "set it to the folder with your training images "
-                      "(e.g. train_data_dir: ./data/my_set)",
+                      "(e.g. train_data_dir: ./data/my_set; causal_lm: a .jsonl/.txt file or folder)",
     "base_model": "set it to the base checkpoint, a .safetensors file or a diffusers folder "
-                  "(e.g. base_model: ./models/Stable-diffusion/v1-5-pruned.safetensors)",
+                  "(e.g. base_model: ./models/Stable-diffusion/v1-5-pruned.safetensors; causal_lm: "
+                  "a Hugging Face model folder)",
 }
 
 PATH_KINDS_THAT_MUST_EXIST = ("dir", "file", "dir_or_file")
@@ -116,8 +117,21 @@ def _unknown_key_problem(key) -> str:
     return "unknown key (all keys are listed in docs/config-reference.md)"
 
 
-def _value_for(spec: FieldSpec, raw: Mapping, base_dir, required: Iterable[str]):
-    """The checked value of one field; raises ValueProblem."""
+def applies_to(spec: FieldSpec, task_type: str) -> bool:
+    """Whether a field is a setting of this task type (schema metadata `tasks`)."""
+    return spec.meta.get("tasks") is None or task_type in spec.meta["tasks"]
+
+
+def _task_type_of(raw: Mapping) -> str:
+    try:
+        return coerce_value("task_type", raw.get("task_type", field_specs()["task_type"].default))
+    except ValueProblem:   # reported with the other problems; check the rest as the default task
+        return field_specs()["task_type"].default
+
+
+def _value_for(spec: FieldSpec, raw: Mapping, base_dir, required: Iterable[str], task_type: str = "sd"):
+    """The checked value of one field; raises ValueProblem. A field of another task type is only
+    coerced: its paths need not exist (an image setting left in a causal_lm config is ignored)."""
     if spec.name in required and _is_blank(raw.get(spec.name)):
         raise ValueProblem(f"missing; {REQUIRED_KEYS.get(spec.name, 'give it a value')}")
     kind = spec.meta.get("path")
@@ -131,10 +145,13 @@ def _value_for(spec: FieldSpec, raw: Mapping, base_dir, required: Iterable[str])
         if not value.strip():
             raise ValueProblem("is empty; give a path")
         value = resolve_path(value, base_dir)
-        if kind in PATH_KINDS_THAT_MUST_EXIST:
+        if kind in PATH_KINDS_THAT_MUST_EXIST and applies_to(spec, task_type):
             problem = _missing_path_problem(kind, value)
             if problem:
                 raise ValueProblem(problem)
+    allowed = spec.meta.get("task_choices", {}).get(task_type)
+    if allowed and value not in allowed:
+        raise ValueProblem(f"{value!r} does not apply to task_type {task_type}; allowed: {', '.join(allowed)}")
     return value
 
 
@@ -157,9 +174,10 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
     required = tuple(required)
     problems = [(str(key), _unknown_key_problem(key)) for key in d if key not in specs]
     values = {}
+    task_type = _task_type_of(d)
     for spec in specs.values():
         try:
-            values[spec.name] = _value_for(spec, d, base_dir, required)
+            values[spec.name] = _value_for(spec, d, base_dir, required, task_type)
         except ValueProblem as problem:
             problems.append((spec.name, str(problem)))
     problems += [] if problems else _adapter_problems(values)
@@ -263,7 +281,12 @@ def load_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainCon
 
 def cfg_warnings(cfg: TrainConfig) -> list[str]:
     """Settings that are valid but probably not what the user meant."""
-    warnings = []
+    warnings = [f"{name} is a setting of task_type {' / '.join(spec.meta['tasks'])}; this is a "
+                f"{cfg.task_type} run, so it is ignored."
+                for name, spec in field_specs().items()
+                if not applies_to(spec, cfg.task_type) and getattr(cfg, name) != _fresh_default(spec)]
+    if cfg.task_type != "sd":
+        return warnings
     if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
         warnings.append("text_encoder_lr is set but train_text_encoder is false; it has no effect.")
     if ((cfg.conv_rank is not None or cfg.conv_alpha is not None) and cfg.target_modules != "locon"
@@ -318,7 +341,7 @@ def write_effective_config(cfg: TrainConfig, run_dir=None) -> Path:
 
 __all__ = [
     "ConfigChange", "ConfigError", "EFFECTIVE_CONFIG_NAME", "FieldSpec", "GROUPS", "REQUIRED_KEYS",
-    "ValueProblem", "cfg_warnings", "coerce_value", "config_diff", "config_from_dict", "config_hash",
+    "ValueProblem", "applies_to", "cfg_warnings", "coerce_value", "config_diff", "config_from_dict", "config_hash",
     "config_to_dict", "describe_range", "dump_config", "field_specs", "load_config", "resolve_path",
     "write_effective_config",
 ]

@@ -12,6 +12,9 @@ Each field carries metadata (see `setting`) instead of living in four places:
              "force" - continuing makes sense but the user must say so (--force-resume)
              "fixed" - the checkpoint cannot continue with a different value
   advanced - folded away in the UI
+  tasks    - the task types (task_type) the field applies to; None: all. A field of another task is
+             not checked against the disk and, when set, only warned about
+  task_choices - per task type, the subset of `choices` it accepts
 """
 from __future__ import annotations
 
@@ -19,14 +22,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+TASK_TYPES = ("sd", "causal_lm")
+SD, LM = ("sd",), ("causal_lm",)
+
 GROUPS = ("Data", "Model/Output", "LoRA", "Training", "Checkpoints", "Previews", "Advanced")
 
 
 def setting(default: Any, help: str, group: str, *, choices=None, min=None, max=None, path=None,
-            resume: str = "force", advanced: bool = False, factory=None, item: str = "str"):
+            resume: str = "force", advanced: bool = False, factory=None, item: str = "str",
+            tasks=None, task_choices=None):
     """`item` is the type of a list field's entries: "str" (default) or "float"."""
     meta = dict(help=help, group=group, choices=choices, min=min, max=max, path=path,
-                resume=resume, advanced=advanced, item=item)
+                resume=resume, advanced=advanced, item=item, tasks=tasks, task_choices=task_choices or {})
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,67 +44,86 @@ class TrainConfig:
     # ---- Data -------------------------------------------------------------------------------
     train_data_dir: str = setting(
         "", "Folder of training images (png/jpg/jpeg/webp/bmp). Sub-folders named 'N_name' repeat "
-        "their images N times per epoch (kohya layout).", "Data", path="dir", resume="fixed")
+        "their images N times per epoch (kohya layout). causal_lm: a .jsonl/.txt file or a folder of them "
+        "(jsonl lines: {\"messages\": [...]}, {\"prompt\", \"completion\"} or {\"text\"}; .txt: samples "
+        "separated by blank lines).", "Data", path="dir_or_file", resume="fixed")
     metadata_path: Optional[str] = setting(
         None, "Optional metadata.csv with columns file_name,text (captions). Overrides .txt sidecars.",
-        "Data", path="file", resume="fixed")
+        "Data", path="file", tasks=SD, resume="fixed")
     caption_extension: str = setting(".txt", "Extension of caption sidecar files next to each image.",
-                                     "Data", resume="fixed", advanced=True)
+                                     "Data", tasks=SD, resume="fixed", advanced=True)
     repeats: int = setting(1, "Default repeats per image for folders without an 'N_' prefix.", "Data",
-                           min=1, max=10000, resume="fixed")
+                           min=1, max=10000, tasks=SD, resume="fixed")
     resolution: int = setting(512, "Training resolution in pixels (images are resized and cropped to it).",
-                              "Data", min=64, max=4096, resume="fixed")
+                              "Data", min=64, max=4096, tasks=SD, resume="fixed")
     random_crop: bool = setting(False, "Crop at a random (seeded) position instead of the centre.", "Data",
-                                resume="fixed")
+                                tasks=SD, resume="fixed")
     enable_bucket: bool = setting(True, "Aspect-ratio buckets: keep each image's shape (resized to cover "
                                   "the closest bucket of about resolution² pixels) instead of a square "
-                                  "crop.", "Data", resume="fixed")
+                                  "crop.", "Data", tasks=SD, resume="fixed")
     min_bucket_reso: Optional[int] = setting(None, "Smallest bucket side (default: resolution/2).", "Data",
-                                             min=64, max=8192, resume="fixed", advanced=True)
+                                             min=64, max=8192, tasks=SD, resume="fixed", advanced=True)
     max_bucket_reso: Optional[int] = setting(None, "Largest bucket side (default: 2 x resolution).", "Data",
-                                             min=64, max=8192, resume="fixed", advanced=True)
+                                             min=64, max=8192, tasks=SD, resume="fixed", advanced=True)
     bucket_reso_steps: int = setting(64, "Bucket sides are multiples of this (64 is safe for every model "
-                                     "family).", "Data", min=8, max=512, resume="fixed", advanced=True)
+                                     "family).", "Data", min=8, max=512, tasks=SD, resume="fixed", advanced=True)
     max_upscale_factor: float = setting(2.0, "Warn about images enlarged more than this to fill their "
                                         "bucket (they come out blurry).", "Data", min=1.0, max=100.0,
-                                        resume="free", advanced=True)
+                                        tasks=SD, resume="free", advanced=True)
     cache_latents_to_disk: bool = setting(True, "Keep VAE latents (and fixed caption embeddings) in an "
                                           "on-disk cache reused by later runs; entries are keyed by image "
                                           "content, crop and model, and checksummed.", "Data",
-                                          resume="free", advanced=True)
+                                          tasks=SD, resume="free", advanced=True)
     cache_dir: Optional[str] = setting(None, "Cache folder (default: $LORA_TRAINER_CACHE or "
-                                       "~/.cache/lora_trainer).", "Data", path="out", resume="free",
+                                       "~/.cache/lora_trainer).", "Data", path="out", tasks=SD, resume="free",
                                        advanced=True)
     shuffle_caption: bool = setting(False, "Shuffle comma-separated caption tags each time an image is used.",
-                                    "Data", resume="fixed")
+                                    "Data", tasks=SD, resume="fixed")
     keep_tokens: int = setting(0, "With shuffle_caption: keep this many leading tags in place (e.g. the "
-                               "trigger word).", "Data", min=0, max=1000, resume="fixed")
+                               "trigger word).", "Data", min=0, max=1000, tasks=SD, resume="fixed")
     caption_dropout_rate: float = setting(0.0, "Probability of training an image with an empty caption.",
-                                          "Data", min=0.0, max=1.0, resume="fixed")
+                                          "Data", min=0.0, max=1.0, tasks=SD, resume="fixed")
     bad_image_policy: str = setting("fail", "What to do with unreadable images: 'fail' (list them all and "
                                     "stop) or 'skip' (warn and train without them).", "Data",
-                                    choices=("fail", "skip"), resume="fixed", advanced=True)
+                                    choices=("fail", "skip"), tasks=SD, resume="fixed", advanced=True)
     max_image_megapixels: float = setting(100.0, "Refuse images larger than this many megapixels: one "
                                           "such file (a decompression bomb, an absurd scan) can take "
                                           "gigabytes of memory to decode. Raise it for huge images "
-                                          "you trust.", "Data", min=1.0, max=100000.0, resume="free",
+                                          "you trust.", "Data", min=1.0, max=100000.0, tasks=SD, resume="free",
                                           advanced=True)
     check_data: bool = setting(True, "Check the dataset before training (tiny images, missing or "
                                "over-long captions): refuse to start on errors, log warnings. "
                                "`lora-trainer check-data` writes the full report.", "Data",
                                resume="free")
 
+    max_seq_length: int = setting(512, "causal_lm: most tokens per sequence (a packed row, or one sample).",
+                                  "Data", min=8, max=1_000_000, tasks=LM, resume="fixed")
+    overlong_samples: str = setting("fail", "causal_lm: a sample longer than max_seq_length is an error "
+                                    "naming its file and line ('fail'), or is cut to max_seq_length and "
+                                    "counted in the data check and train.log ('truncate').", "Data",
+                                    choices=("fail", "truncate"), tasks=LM, resume="fixed")
+    train_on: str = setting("completion", "causal_lm: which tokens the loss is computed on: "
+                            "'completion' (assistant turns, completions; plain text entirely) or 'all'.",
+                            "Data", choices=("completion", "all"), tasks=LM, resume="fixed")
+    packing: bool = setting(False, "causal_lm: concatenate consecutive samples into rows of up to "
+                            "max_seq_length tokens (each keeps its own attention); off: batches of "
+                            "samples of similar length.", "Data", tasks=LM, resume="fixed")
+
     # ---- Model / output ---------------------------------------------------------------------------
-    task_type: str = setting("sd-lora", "What to train. Only 'sd-lora' exists today.", "Model/Output",
-                             choices=("sd-lora",), resume="fixed", advanced=True)
+    task_type: str = setting("sd", "What to train: 'sd' (a Stable Diffusion LoRA: images + captions) or "
+                             "'causal_lm' (a LoRA for a Hugging Face causal language model: .jsonl/.txt "
+                             "text, PEFT adapter output). Settings of the other task are ignored.",
+                             "Model/Output", choices=TASK_TYPES, resume="fixed")
     base_model: str = setting(
         "", "Base model: a diffusers folder or a single-file .safetensors checkpoint (WebUI layout). "
-        "Inside the WebUI the loaded model is used instead.", "Model/Output", path="dir_or_file",
+        "Inside the WebUI the loaded model is used instead. causal_lm: a local Hugging Face model folder "
+        "(config.json, tokenizer, *.safetensors; pickle .bin weights are refused).", "Model/Output",
+        path="dir_or_file",
         resume="fixed")
     base_model_config: Optional[str] = setting(
         None, "Diffusers-format config folder for a single-file checkpoint whose architecture is not a "
         "standard one (the shipped SD1.5 configs are used otherwise).", "Model/Output", path="dir",
-        resume="fixed", advanced=True)
+        tasks=SD, resume="fixed", advanced=True)
     output_dir: str = setting("output", "Where the finished LoRA (.safetensors) is written, e.g. the "
                               "WebUI's models/Lora.", "Model/Output", path="out", resume="free")
     output_name: str = setting("my_lora", "File name (without extension) of the LoRA; also the name used "
@@ -114,7 +140,7 @@ class TrainConfig:
     save_precision: str = setting("fp16", "Precision of the saved LoRA file.", "Model/Output",
                                   choices=("fp32", "fp16", "bf16"), resume="free")
     trigger_word: Optional[str] = setting(None, "Optional trigger word recorded as the LoRA's activation "
-                                          "text.", "Model/Output", resume="free")
+                                          "text.", "Model/Output", tasks=SD, resume="free")
 
     # ---- LoRA ---------------------------------------------------------------------------------------
     lora_rank: int = setting(8, "LoRA rank (network dim).", "LoRA", min=1, max=1024, resume="fixed")
@@ -124,33 +150,36 @@ class TrainConfig:
     adapter_type: str = setting(
         "lora", "Adapter math: 'lora' (kohya LoRA), 'locon' (LoRA on the ResNet/sampler convolutions too: "
         "the same as target_modules: locon), 'loha' (LyCORIS Hadamard product) or 'lokr' (LyCORIS "
-        "Kronecker product). Every type loads in the WebUI as <lora:name:w>.", "LoRA",
-        choices=("lora", "locon", "loha", "lokr"), resume="fixed")
+        "Kronecker product). Every type loads in the WebUI as <lora:name:w>. causal_lm: 'lora' only (what "
+        "a PEFT adapter folder holds).", "LoRA",
+        choices=("lora", "locon", "loha", "lokr"), resume="fixed", task_choices={"causal_lm": ("lora",)})
     dora: bool = setting(False, "DoRA (weight-decomposed): also train a magnitude per input channel, as "
                          "LyCORIS's dora_wd; written as dora_scale, which the WebUI applies.", "LoRA",
-                         resume="fixed", advanced=True)
+                         tasks=SD, resume="fixed", advanced=True)
     target_modules: str = setting(
         "attn-mlp", "Which UNet layers get an adapter: 'attn' (attention q/k/v/out), 'attn-mlp' (+ "
         "feed-forward and proj_in/out, kohya's default) or 'locon' (+ ResNet and sampler convolutions; "
-        "adapter_type: locon selects it too).", "LoRA",
-        choices=("attn", "attn-mlp", "locon"), resume="fixed")
+        "adapter_type: locon selects it too). causal_lm: 'attn' (q/k/v/o_proj) or 'attn-mlp' (+ "
+        "gate/up/down_proj).", "LoRA",
+        choices=("attn", "attn-mlp", "locon"), resume="fixed",
+        task_choices={"causal_lm": ("attn", "attn-mlp")})
     conv_rank: Optional[int] = setting(None, "Rank for 3x3 convolutions with target_modules: locon or "
                                        "adapter_type: locon (default lora_rank).", "LoRA", min=1, max=1024,
-                                       resume="fixed", advanced=True)
+                                       tasks=SD, resume="fixed", advanced=True)
     conv_alpha: Optional[float] = setting(None, "Alpha for 3x3 convolutions (default: conv_rank when "
                                           "conv_rank is set, else lora_alpha).", "LoRA", min=0.0,
-                                          resume="fixed", advanced=True)
+                                          tasks=SD, resume="fixed", advanced=True)
     lokr_factor: int = setting(-1, "LoKr: split each layer's sides as close to this factor as they divide "
                                "(-1: as balanced as possible, LyCORIS's default). Where lora_rank is at "
                                "least half the larger factor, the factor is stored whole (full matrix, "
-                               "scale 1) as LyCORIS does.", "LoRA", min=-1, max=8192, resume="fixed",
+                               "scale 1) as LyCORIS does.", "LoRA", min=-1, max=8192, tasks=SD, resume="fixed",
                                advanced=True)
     train_text_encoder: bool = setting(False, "Also train LoRA on the text encoder(s).", "LoRA",
-                                       resume="fixed")
+                                       tasks=SD, resume="fixed")
     init_lora_from: Optional[str] = setting(
         None, "Start from an existing LoRA file of the same adapter_type (incremental training). Its ranks "
         "must equal lora_rank / conv_rank (and its LoKr factor lokr_factor); alphas come from the file.",
-        "LoRA", path="file", resume="fixed")
+        "LoRA", path="file", tasks=SD, resume="fixed")
 
     # ---- Training -----------------------------------------------------------------------------------
     batch_size: int = setting(1, "Images per micro-batch.", "Training", min=1, max=1024, resume="fixed")
@@ -162,7 +191,7 @@ class TrainConfig:
                                              "overrides epochs, more or fewer).", "Training", min=1)
     learning_rate: float = setting(1e-4, "UNet LoRA learning rate.", "Training", min=0.0, max=1.0)
     text_encoder_lr: Optional[float] = setting(None, "Text-encoder LoRA learning rate (default "
-                                               "learning_rate).", "Training", min=0.0, max=1.0)
+                                               "learning_rate).", "Training", min=0.0, max=1.0, tasks=SD, resume="force")
     optimizer: str = setting("adamw", "Optimizer: 'adamw' or 'adamw8bit' (needs bitsandbytes).",
                              "Training", choices=("adamw", "adamw8bit"), resume="fixed")
     weight_decay: float = setting(1e-2, "AdamW weight decay.", "Training", min=0.0, max=1.0,
@@ -179,12 +208,12 @@ class TrainConfig:
     seed: int = setting(42, "Seed for data order, crops, captions, noise and timesteps.", "Training",
                         min=0, max=2**31 - 1, resume="fixed")
     noise_offset: float = setting(0.0, "Noise offset (helps very dark/bright images; 0.05-0.1 typical).",
-                                  "Training", min=0.0, max=1.0, resume="fixed", advanced=True)
+                                  "Training", min=0.0, max=1.0, tasks=SD, resume="fixed", advanced=True)
     min_snr_gamma: Optional[float] = setting(None, "Min-SNR loss weighting gamma (5 is typical; empty: "
-                                             "off).", "Training", min=0.0, resume="fixed", advanced=True)
+                                             "off).", "Training", min=0.0, tasks=SD, resume="fixed", advanced=True)
     prediction_type: Optional[str] = setting(None, "Override the model's prediction target (default: "
                                              "detected).", "Training", choices=("epsilon", "v_prediction"),
-                                             resume="fixed", advanced=True)
+                                             tasks=SD, resume="fixed", advanced=True)
     device: str = setting("auto", "'auto' (CUDA if available), 'cuda', 'cuda:N' or 'cpu'.", "Training",
                           resume="free", advanced=True)
 
@@ -205,37 +234,41 @@ class TrainConfig:
                                     "<lora:{name}:0.7> (or <lora:OUTPUT_NAME:0.7>) is the LoRA being "
                                     "trained - a prompt without it shows the base model; other "
                                     "<lora:NAME:w> come from lora_dir. kohya's --n/--w/--h/--s/--l/--d "
-                                    "options work too.", "Previews", resume="free", factory=list)
-    preview_every_n_steps: int = setting(0, "Render previews every N optimizer steps (0: off).",
+                                    "options work too. causal_lm: plain prompts, continued with the adapter "
+                                    "(a chat model's template is applied to each as a user message).", "Previews", resume="free", factory=list)
+    preview_max_new_tokens: int = setting(32, "causal_lm: tokens generated (greedily) per preview prompt.",
+                                          "Previews", min=1, max=4096, tasks=LM, resume="free")
+    preview_every_n_steps: int = setting(0, "Render previews every N optimizer steps (0: off). causal_lm: "
+                                         "each preview prompt's continuation, in train.log and TensorBoard.",
                                          "Previews", min=0, resume="free")
     preview_steps: int = setting(20, "Sampling steps per preview image (a prompt's --s overrides it).",
-                                 "Previews", min=1, max=1000, resume="free")
+                                 "Previews", min=1, max=1000, tasks=SD, resume="free")
     preview_width: Optional[int] = setting(None, "Preview width in pixels, rounded down to a multiple "
                                            "of 8 (default: resolution; a prompt's --w overrides it).",
-                                           "Previews", min=64, max=4096, resume="free")
+                                           "Previews", min=64, max=4096, tasks=SD, resume="free")
     preview_height: Optional[int] = setting(None, "Preview height in pixels, rounded down to a multiple "
                                             "of 8 (default: resolution; a prompt's --h overrides it).",
-                                            "Previews", min=64, max=4096, resume="free")
+                                            "Previews", min=64, max=4096, tasks=SD, resume="free")
     preview_cfg_scale: float = setting(7.0, "Classifier-free guidance scale (a prompt's --l overrides "
-                                       "it).", "Previews", min=0.0, max=100.0, resume="free")
+                                       "it).", "Previews", min=0.0, max=100.0, tasks=SD, resume="free")
     preview_sampler: str = setting("euler", "Preview sampler ('euler_a' is Euler ancestral).",
-                                   "Previews", choices=("euler", "euler_a", "ddim"), resume="free")
+                                   "Previews", choices=("euler", "euler_a", "ddim"), tasks=SD, resume="free")
     preview_seed: int = setting(1234, "Seed of every preview image (a prompt's --d overrides it); the "
                                 "same seed at every step shows how the LoRA changes.", "Previews",
-                                min=0, max=2**32 - 1, resume="free")
+                                min=0, max=2**32 - 1, tasks=SD, resume="free")
     preview_negative_prompt: str = setting("", "Negative prompt for previews (a prompt's --n overrides "
-                                           "it).", "Previews", resume="free")
+                                           "it).", "Previews", tasks=SD, resume="free")
     preview_weight_sweep: list = setting(None, "Render the first preview prompt at each of these LoRA "
                                          "weights in one labelled grid, e.g. [0, 0.4, 0.7, 1.0] "
-                                         "(empty: off).", "Previews", resume="free", factory=list,
+                                         "(empty: off).", "Previews", tasks=SD, resume="free", factory=list,
                                          item="float")
     lora_dir: Optional[str] = setting(None, "Folder (with sub-folders) of other LoRAs that preview "
                                       "prompts name, e.g. the WebUI's models/Lora (default: "
-                                      "output_dir).", "Previews", path="dir", resume="free",
+                                      "output_dir).", "Previews", path="dir", tasks=SD, resume="free",
                                       advanced=True)
     write_card: bool = setting(True, "Write the WebUI card files next to the LoRA: <name>.preview.png "
                                "and <name>.json (description, activation text, notes). Fields you "
-                               "edited by hand are never overwritten.", "Previews", resume="free")
+                               "edited by hand are never overwritten.", "Previews", tasks=SD, resume="free")
 
     # ---- Advanced -----------------------------------------------------------------------------------
     log_every_n_steps: int = setting(10, "Write loss/lr/speed/memory to logs/train.log every N steps.",
