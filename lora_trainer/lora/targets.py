@@ -17,6 +17,7 @@ RESNET = "resnet"           # conv1 / conv2 / conv_shortcut / time_emb_proj
 SAMPLER = "sampler"         # down/up-sampler convolutions
 TEXT = "text"               # any text-encoder Linear
 
+TEXT_ENCODER_COMPONENTS = ("te", "te1", "te2")
 UNET_PRESETS = {
     "attn": {ATTENTION},
     "attn-mlp": {ATTENTION, FEED_FORWARD, PROJECTION},
@@ -48,12 +49,12 @@ def transformer_block_role(path: str) -> str | None:
 class LoraTarget:
     name: str            # kohya layer name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
     module: nn.Module    # the live base layer (Linear or Conv2d)
-    component: str       # "unet", "te" (SD1/SD2), "te1"/"te2" (SDXL)
+    component: str       # "unet", "te" (SD1/SD2), "te1"/"te2" (SDXL), "lm" (a causal language model)
     role: str
 
     @property
     def is_text_encoder(self) -> bool:
-        return self.component != "unet"
+        return self.component in TEXT_ENCODER_COMPONENTS
 
     @property
     def is_conv3x3(self) -> bool:
@@ -63,7 +64,7 @@ class LoraTarget:
 def select_targets(all_targets: list[LoraTarget], preset: str, train_text_encoder: bool) -> list[LoraTarget]:
     roles = UNET_PRESETS[preset]
     chosen = [t for t in all_targets
-              if (t.component == "unet" and t.role in roles) or (t.is_text_encoder and train_text_encoder)]
+              if (not t.is_text_encoder and t.role in roles) or (t.is_text_encoder and train_text_encoder)]
     if not chosen:
         raise ValueError(f"target_modules '{preset}' matched no layer of this model")
     return chosen

@@ -50,8 +50,10 @@ def next_oom_action(micro_batch_size: int, checkpointing_on: bool) -> str:
     return "stop"
 
 
-def oom_advice(cfg, where: str = "even at micro-batch 1 with gradient checkpointing") -> str:
-    levers = [f"lower resolution (now {cfg.resolution})", f"lower lora_rank (now {cfg.lora_rank})"]
+def oom_advice(cfg, where: str = "even at micro-batch 1 with gradient checkpointing",
+               size_lever: str | None = None) -> str:
+    """`size_lever`: the task's input-size setting (SD: resolution; causal LM: max_seq_length)."""
+    levers = [size_lever or f"lower resolution (now {cfg.resolution})", f"lower lora_rank (now {cfg.lora_rank})"]
     if cfg.train_text_encoder:
         levers.append("set train_text_encoder: false")
     if cfg.optimizer != "adamw8bit":

@@ -12,14 +12,9 @@ from pathlib import Path
 import torch
 
 from ..config.load import cfg_warnings, write_effective_config
-from ..data.discovery import discover
-from ..data.images import pixel_limit
-from ..datatools.checks import check_before_training
 from ..monitor.logfile import attach_run_log
 from ..monitor.run_log import run_monitors
-from ..preview.cards import CardWriter
-from ..preview.card_thumbnail import CardThumbnail
-from ..preview.engine import Previewer
+from ..tasks import task_for
 from .control import TrainingControl
 from .distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
 from .trainer import Trainer, TrainResult
@@ -46,9 +41,7 @@ def base_dtype(cfg, device: torch.device) -> torch.dtype:
 
 
 def index_dataset(cfg):
-    return discover(cfg.train_data_dir, metadata_path=cfg.metadata_path,
-                    caption_extension=cfg.caption_extension, default_repeats=cfg.repeats,
-                    bad_image_policy=cfg.bad_image_policy, max_pixels=pixel_limit(cfg.max_image_megapixels))
+    return task_for(cfg.task_type).index_dataset(cfg)
 
 
 def set_aside_old_run(run_dir: Path) -> Path | None:
@@ -65,6 +58,7 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
     """`data_findings`: the data check's findings when the caller already ran it (then they are
     only logged here, not computed again)."""
     run_dir = Path(cfg.run_dir)
+    task = task_for(cfg.task_type)
     if not cfg.resume and dist.is_main:
         moved = set_aside_old_run(run_dir)
         if moved:
@@ -80,15 +74,13 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
             for w in index.warnings:
                 log.warning(w)
             if cfg.check_data:
-                check_before_training(index, cfg, log if dist.is_main else None, data_findings)
+                task.check_data(index, cfg, log if dist.is_main else None, data_findings)
             if dist.is_main:
                 write_effective_config(cfg, run_dir)
-            if previewer is None and cfg.preview_prompts:
-                previewer = Previewer(cfg)   # parses prompts and finds named LoRAs: fails early
-            elif previewer is None and cfg.write_card:   # no prompts: one render for the card
-                previewer = CardThumbnail(cfg, lambda prompts: Previewer(cfg, prompts=prompts))
-            if cfg.write_card and dist.is_main:
-                observers = [*observers, CardWriter(cfg, backbone, index)]
+            if previewer is None:   # fails early on a bad prompt or a LoRA it names that is missing
+                previewer = task.previewer(cfg)
+            if dist.is_main:
+                observers = [*observers, *task.observers(cfg, backbone, index)]
             monitoring = run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([])
             with monitoring as monitors:  # train.log lines, TensorBoard
                 trainer = Trainer(cfg, backbone, index, control or TrainingControl(),
@@ -101,8 +93,6 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
 
 
 def train_from_config(cfg, control=None, observers=(), force_resume=False) -> TrainResult:
-    from ..backbones.diffusers_sd import load_backbone  # diffusers only for headless runs
-
     # never reach for a model hub from a headless run (set here, not at import: inside the WebUI
     # this module is imported too, and the WebUI's own downloads are not ours to switch off)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,11 +101,11 @@ def train_from_config(cfg, control=None, observers=(), force_resume=False) -> Tr
     device = resolve_device(cfg.device)
     dist = init_from_environment(device.type)
     device = device_for(dist, device)
-    index = index_dataset(cfg)  # data errors before the (slow) model load
+    task = task_for(cfg.task_type)
+    index = task.index_dataset(cfg)  # data errors before the (slow) model load
     # errors stop the run here, before the model load; run_training logs the warnings into train.log
-    findings = check_before_training(index, cfg) if cfg.check_data else None
-    backbone = load_backbone(cfg.base_model, cfg.base_model_config, device=device,
-                             dtype=base_dtype(cfg, device), prediction_type=cfg.prediction_type)
+    findings = task.check_data(index, cfg) if cfg.check_data else None
+    backbone = task.load_backbone(cfg, device, base_dtype(cfg, device))
     try:
         return run_training(cfg, backbone, control, observers if dist.is_main else (), None,
                             force_resume, index=index, dist=dist, data_findings=findings)

@@ -1,5 +1,7 @@
-"""The training loop. It sees a config, a dataset index and a Backbone — never diffusers, gradio or
-the WebUI — so the same loop trains a model loaded from disk or the one the WebUI already holds."""
+"""The training loop. It sees a config, a dataset index, a base model and the task's training side
+(tasks/protocol.py: batches -> loss, adapter export) — never diffusers, transformers, gradio or the
+WebUI — so the same loop trains an SD model loaded from disk, the one the WebUI already holds, or a
+causal language model."""
 from __future__ import annotations
 
 import contextlib
@@ -11,21 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ..lora.kohya_file import load_into_network, network_tensors, read_lora_file, save_lora_file
-from ..data.buckets import BucketPlan, BucketSpec
 from ..lora.adapters import adapter_setup
 from ..lora.network import LoRANetwork
-from ..lora.targets import select_targets
 from ..storage.checkpoints import CheckpointStore
 from . import resume as resume_mod
 from .distributed import SINGLE, DistContext
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
-from .lora_metadata import lora_metadata
-from .objective import add_noise, min_snr_weights, per_sample_loss, target_for
 from .oom import OutOfMemoryStop, is_out_of_memory, next_oom_action, oom_advice, release_failed_step
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan, count_batches, iterate_steps
-from .samples import SampleSource
 
 log = logging.getLogger("lora_trainer")
 
@@ -44,7 +40,9 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg, backbone, index, control: TrainingControl | None = None,
                  observers: list[TrainingObserver] = (), previewer=None, force_resume: bool = False,
-                 dist: DistContext = SINGLE):
+                 dist: DistContext = SINGLE, task=None):
+        """`task`: the task's training side (tasks/protocol.py TrainingTask); by default the one
+        `cfg.task_type` names."""
         self.cfg, self.backbone, self.index = cfg, backbone, index
         self.dist = dist
         if not dist.is_main:  # only rank 0 reports, previews and writes
@@ -54,14 +52,18 @@ class Trainer:
         self.previewer = previewer
         self.force_resume = force_resume
         self.run_dir = Path(cfg.run_dir)
-        self.lora_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
+        if task is None:
+            from ..tasks import task_for   # the task packages import their models' libraries
+            task = task_for(cfg.task_type).training(cfg, backbone, index)
+        self.task = task
+        self.lora_path = task.output_path
         self.store = CheckpointStore(self.run_dir)
-        self.buckets = BucketPlan.for_index(index, BucketSpec.from_config(cfg), cfg.enable_bucket)
+        self.batch_keys = task.batch_keys()
         # a step takes `accumulation` batches per rank, from all ranks together
         self.plan = TrainingPlan(index.num_samples, cfg.batch_size,
                                  cfg.gradient_accumulation_steps * dist.world_size,
                                  cfg.epochs, cfg.max_train_steps,
-                                 count_batches(index, cfg.batch_size, self.buckets.per_record))
+                                 count_batches(index, cfg.batch_size, self.batch_keys))
         self.position = resume_mod.Position()
         self.micro_batch_size = cfg.batch_size
         self._checkpointing_forced = False
@@ -71,7 +73,6 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._build_network()
         self._build_optimizer()
-        self.samples = SampleSource(cfg, index, backbone, self.buckets)
 
     # ---- setup -------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -85,16 +86,12 @@ class Trainer:
         # kohya-name order: the seeded RNG initialises the adapters in this order, so backbones that
         # list the same layers in another order (diffusers vs the WebUI's LDM tree) train the same LoRA
         spec, preset = adapter_setup(cfg)
-        targets = sorted(select_targets(self.backbone.lora_targets(), preset, cfg.train_text_encoder),
-                         key=lambda t: t.name)
+        targets = sorted(self.task.lora_targets(preset), key=lambda t: t.name)
         # torch's global RNG initialises the adapters: seed it so a fresh run is reproducible
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.network = LoRANetwork(targets, conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, spec=spec)
-        if cfg.init_lora_from:
-            tensors, _ = read_lora_file(cfg.init_lora_from)
-            load_into_network(self.network, tensors, cfg.init_lora_from)
-            self.say(f"Initialised the LoRA from {cfg.init_lora_from}")
+        self.task.init_network(self.network, self.say)
         self.network.to(self.backbone.device, torch.float32)
         self.network.attach()
 
@@ -185,8 +182,7 @@ class Trainer:
         path = path or self.lora_path
         if not self.dist.is_main:
             return path
-        metadata = lora_metadata(self, output_name=path.stem)
-        save_lora_file(path, network_tensors(self.network, self.cfg.save_precision), metadata)
+        self.task.export(self, path)
         self.observer.on_lora_saved(path)
         return path
 
@@ -198,7 +194,7 @@ class Trainer:
         if self.dist.is_main:
             self.save_lora()
             if self.cfg.save_snapshots and step < self.plan.total_steps:
-                self.save_lora(self.lora_path.with_name(f"{self.cfg.output_name}-{step:06d}.safetensors"))
+                self.save_lora(self.task.snapshot_path(step))
             tensor_files, state = resume_mod.capture(self)
             path = self.store.save(step, tensor_files, state)
             self.store.prune(self.cfg.keep_last_n_checkpoints)
@@ -221,16 +217,14 @@ class Trainer:
         self.say(self.plan.describe_length())
         self._describe_data()
         if self.dist.is_main:  # rank 0 fills the disk cache once; the others then read it
-            self.samples.precompute_latents()
-            self.samples.precompute_conditioning()
+            self.task.prepare()
         self.dist.barrier()
-        self.samples.precompute_latents()
-        self.samples.precompute_conditioning()
+        self.task.prepare()
         self.observer.on_start(self._start_info(resumed))
         if self.previewer and not resumed:
             self._preview()
         steps = iterate_steps(self.plan, self.index, self.cfg.seed, self.position.epoch,
-                              self.position.batch_in_epoch, self.buckets.per_record)
+                              self.position.batch_in_epoch, self.batch_keys)
         for step_slice in steps:
             if self.position.global_step >= total:
                 break
@@ -288,7 +282,7 @@ class Trainer:
                 raise
             release_failed_step(error, self.backbone.device)
             raise OutOfMemoryStop(oom_advice(self.cfg, "in the optimizer step (its state is allocated "
-                                                       "at the first step)")) from error
+                                                       "at the first step)", self.task.size_lever())) from error
 
     def _recover_from_oom(self, error) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,25 +299,12 @@ class Trainer:
             self.backbone.set_gradient_checkpointing(True)
             self.say("Out of memory at micro-batch 1: gradient checkpointing enabled. Retrying the step.")
         else:
-            raise OutOfMemoryStop(oom_advice(self.cfg)) from error
+            raise OutOfMemoryStop(oom_advice(self.cfg, size_lever=self.task.size_lever())) from error
 
     def _forward_backward(self, epoch: int, chunk, weight: float) -> float:
         """Loss of one micro-batch, scaled so the step's gradient is the mean over all its samples
         however the samples are split into micro-batches."""
-        latents, captions, noise, timesteps, sizes = self.samples.batch(epoch, chunk)
-        device = self.backbone.device
-        latents, noise = latents.to(device), noise.to(device)
-        acp = self.backbone.alphas_cumprod
-        with self._autocast():
-            cond = self.samples.conditioning(captions, sizes)
-            noisy = add_noise(latents, noise, timesteps, acp)
-            prediction = self.backbone.predict(noisy, timesteps, cond)
-        target = target_for(self.backbone.prediction_type, latents, noise, timesteps, acp)
-        losses = per_sample_loss(prediction, target)
-        if self.cfg.min_snr_gamma:
-            losses = losses * min_snr_weights(timesteps, acp, self.cfg.min_snr_gamma,
-                                              self.backbone.prediction_type).to(losses.device)
-        loss = losses.mean() * weight
+        loss = self.task.loss(epoch, chunk, self._autocast) * weight
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         return float(loss.detach())
 
@@ -359,18 +340,7 @@ class Trainer:
         return self.dist.any(self.control.stop.is_set(), self.backbone.device) and not finished
 
     def _describe_data(self) -> None:
-        detected = getattr(self.backbone, "detected", "")
-        if detected:  # which family/variant the checkpoint was recognised as, and why
-            self.say(f"Base model: {detected}")
-        self.say(f"Buckets (width x height: samples): {self.buckets.describe(self.index)}")
-        upscaled = self.buckets.upscaled(self.index, self.cfg.max_upscale_factor)
-        if upscaled:
-            names = ", ".join(f"{name} (x{factor:.1f})" for name, factor in upscaled[:10])
-            log.warning("%d images are enlarged more than max_upscale_factor %.1f to fill their bucket "
-                        "and will look soft: %s%s", len(upscaled), self.cfg.max_upscale_factor, names,
-                        " ..." if len(upscaled) > 10 else "")
-        for note in self.samples.cache_notes():
-            self.say(note)
+        self.task.describe(self.say, log.warning)
 
     def _preview(self) -> None:
         """Render previews. A failing preview (out of memory at the preview size, a LoRA file a
@@ -397,7 +367,7 @@ class Trainer:
             if self.previewer:
                 self._preview()
             result = self._result("finished", f"Finished {step} steps. LoRA: {self.lora_path} "
-                                              f"- use it as <lora:{self.cfg.output_name}:0.7>")
+                                              f"- {self.task.finish_hint()}")
         else:
             result = self._result("stopped", f"Stopped at step {step} of {total} "
                                              f"({self.control.stop_reason}); checkpoint saved. Start the "
