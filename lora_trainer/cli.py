@@ -29,6 +29,9 @@ def _add_demo(sub) -> None:
                                                       "(default ./demo)")
     p.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl"),
                    help="Model family of the tiny model (default sd1)")
+    p.add_argument("--task", default="sd", choices=("sd", "causal_lm"),
+                   help="sd: a tiny Stable Diffusion model and images (default); causal_lm: a tiny "
+                        "LLaMA, its tokenizer and chats, trained into a PEFT adapter")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     p.set_defaults(func=cmd_demo)
 
@@ -93,9 +96,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .tools.demo import prepare_demo
+    from .tools.demo import prepare_demo, prepare_lm_demo
 
-    config_path = prepare_demo(Path(args.workdir), family=args.family)
+    if args.task == "causal_lm":
+        config_path = prepare_lm_demo(Path(args.workdir))
+    else:
+        config_path = prepare_demo(Path(args.workdir), family=args.family)
     print(f"Demo model, data and config written to {config_path.parent}")
     cfg = load_config(config_path)
     result = run_with_signals(cfg, args.quiet)

@@ -36,6 +36,9 @@ def format_duration(seconds: float | None) -> str:
 
 
 def dataset_summary(index) -> str:
+    summary = getattr(index, "summary", None)
+    if callable(summary):   # an index of another task type describes itself (tasks/causal_lm)
+        return f"dataset: {summary()}"
     records = index.records
     lines = [f"dataset: {index.num_images} images, {index.num_samples} samples per epoch, root {index.root}"]
     if index.metadata_path:

@@ -86,6 +86,9 @@ class TensorBoardLog(TrainingObserver):
         from PIL import Image
 
         for i, path in enumerate(paths):
+            if str(path).endswith(".txt"):   # a causal-LM preview: generated text
+                self.writer.add_text(f"preview/{i:02d}", Path(path).read_text(encoding="utf-8"), step)
+                continue
             try:
                 with Image.open(path) as image:
                     pixels = np.asarray(image.convert("RGB"))

@@ -80,3 +80,43 @@ def prepare_demo(workdir: Path, family: str = "sd1") -> Path:
     if not config.exists():
         config.write_text(DEMO_YAML.format(family=family, config=config), encoding="utf-8")
     return config
+
+
+LM_DEMO_YAML = """\
+# Causal-LM demo: a tiny random LLaMA and a tokenizer made offline. Rerun with
+#   lora-trainer train --config {config}
+task_type: causal_lm
+train_data_dir: "./data"
+base_model: "./models/tiny-llama"
+lora_rank: 8
+target_modules: attn-mlp
+max_seq_length: 64
+batch_size: 4
+epochs: 8
+learning_rate: 1e-2
+output_dir: "./output"
+output_name: "demo_causal_lm"
+save_steps: 10
+save_precision: fp32
+preview_prompts: ["What colour is the sky?"]
+preview_every_n_steps: 10
+preview_max_new_tokens: 8
+num_threads: 2
+"""
+
+
+def prepare_lm_demo(workdir: Path) -> Path:
+    """A tiny LLaMA folder (config, safetensors, tokenizer.json with a chat template), chats in
+    jsonl + a .txt, and a config that trains them in seconds."""
+    from ..tasks.causal_lm import tiny
+
+    workdir = Path(workdir).resolve()
+    model = workdir / "models" / "tiny-llama"
+    if not (model / "model.safetensors").exists():
+        tiny.write_tiny_llama(model, tiny.demo_texts(), seed=0)
+    if not (workdir / "data").exists():
+        tiny.write_demo_dataset(workdir / "data")
+    config = workdir / "demo.yaml"
+    if not config.exists():
+        config.write_text(LM_DEMO_YAML.format(config=config), encoding="utf-8")
+    return config
