@@ -82,7 +82,10 @@ class Encoder:
         text, spans, wrap = self._text_and_spans(sample)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
-        trainable = [self.train_on == "all" or any(a <= start < b for a, b in spans) for start, _ in offsets]
+        # a token is trained when it holds any trained character: byte-level BPE glues the space
+        # that ends a prompt to the completion's first word, which must still be learned
+        trainable = [self.train_on == "all" or any(start < b and end > a for a, b in spans)
+                     for start, end in offsets]
         if wrap:
             tok = self.tokenizer
             if tok.bos_token_id is not None:

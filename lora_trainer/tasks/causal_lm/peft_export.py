@@ -36,12 +36,14 @@ def peft_config(network, module_paths: dict[str, str], base_model: str, rank: in
     }
 
 
-def write_peft_folder(folder: Path, tensors: dict, config: dict, metadata: dict | None = None) -> Path:
+def write_peft_folder(folder: Path, tensors: dict, config: dict) -> Path:
     """Each file is written atomically (temp file, fsync, rename). The config first: within a run it
     never changes (rank, alpha and targets cannot change on resume), so replacing the weights file
     is the one switch from the old adapter to the new and a reader never sees a mix."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / CONFIG_NAME, json_bytes(config))
-    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, {"format": "pt", **(metadata or {})}))
+    # one metadata key only: safetensors writes metadata in hash-map order, which varies between
+    # processes, and a resumed run must write the same bytes as an uninterrupted one
+    atomic_write_bytes(folder / WEIGHTS_NAME, safetensors_bytes(tensors, {"format": "pt"}))
     return folder

@@ -2,7 +2,6 @@
 loss, and the PEFT adapter folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -42,11 +41,9 @@ class CausalLMTraining:
     def export(self, trainer, path: Path) -> None:
         cfg, network = self.cfg, trainer.network
         alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
-        metadata = {"lora_trainer_step": str(trainer.position.global_step),
-                    "lora_trainer_base_model": json.dumps(self.backbone.identity())}
         write_peft_folder(path, peft_tensors(network, self.backbone.module_paths, PRECISIONS[cfg.save_precision]),
                           peft_config(network, self.backbone.module_paths, Path(cfg.base_model).name,
-                                      cfg.lora_rank, alpha), metadata)
+                                      cfg.lora_rank, alpha))
 
     def snapshot_path(self, step: int) -> Path:
         return self.output_path.with_name(f"{self.cfg.output_name}-{step:06d}")
