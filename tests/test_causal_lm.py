@@ -211,3 +211,26 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(lm_config
         assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-6), (k, (a[k] - b[k]).abs().max())
     log = (Path(load_config(multi).run_dir) / "logs" / "train.log").read_text()
     assert log.count("Finished 8 steps") == 1
+
+
+def test_the_webui_tab_refuses_a_causal_lm_config(lm_config):
+    from lora_trainer.webui import job
+
+    with pytest.raises(job.CannotTrain, match="task_type causal_lm cannot train in the WebUI"):
+        job.train_on_loaded_model(load_config(lm_config()))
+
+
+def test_check_data_reports_lengths_duplicates_and_bad_lines(lm_config, chats, tmp_path, capsys):
+    from lora_trainer import cli
+
+    data = tmp_path / "data.jsonl"
+    rows = (chats / "colours.jsonl").read_text().splitlines()
+    data.write_text("\n".join([*rows, rows[0], '{"messages": [{"role": "robot", "content": "hi"}]}']) + "\n")
+    cfg = lm_config(train_data_dir=data)
+    assert cli.main(["check-data", str(cfg), "--out", str(tmp_path / "report"), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "message 0 has role 'robot'; expected one of system, user, assistant, tool [data.jsonl:14]" in out
+    assert "2 identical samples [data.jsonl:1, data.jsonl:13]" in out
+    assert "token lengths (max_seq_length 64):" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert sum(count for _, _, count in report["histogram"]) == 13

@@ -56,6 +56,9 @@ def cmd_check_data(args) -> int:
     from .full_check import check_dataset
     from .report import format_table, write_reports
 
+    lm_config = _causal_lm_config(args.target)
+    if lm_config is not None:
+        return _check_lm_data(lm_config, args)
     try:
         source = _check_source(args.target)
         config_resolution = source.pop("resolution", 512)
@@ -69,6 +72,35 @@ def cmd_check_data(args) -> int:
     print(format_table(result))
     print(f"Report: {paths['json']}  {paths['html']}")
     has_errors = any(f.severity == "error" for f in result.findings)
+    return 1 if args.strict and has_errors else 0
+
+
+def _causal_lm_config(target: str):
+    """The config when `target` is a causal_lm training config, else None."""
+    path = Path(target)
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        return None
+    from ..config import load_config
+
+    cfg = load_config(path)
+    return cfg if cfg.task_type == "causal_lm" else None
+
+
+def _check_lm_data(cfg, args) -> int:
+    """Token lengths, empty/duplicate samples, bad lines and template errors of a causal_lm dataset
+    (the base model's tokenizer is loaded; the model is not)."""
+    from ..tasks.causal_lm.check import format_report, full_check, write_report
+    from ..tasks.causal_lm.model import ModelFolderError
+    from ..tasks.causal_lm.records import LMDataError
+
+    try:
+        report = full_check(cfg)
+    except (LMDataError, ModelFolderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print(f"Report: {write_report(report, args.out)}")
+    has_errors = any(f.severity == "error" for f in report["findings"])
     return 1 if args.strict and has_errors else 0
 
 

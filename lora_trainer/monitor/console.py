@@ -14,7 +14,7 @@ class ConsoleProgress(TrainingObserver):
     def on_start(self, info):
         if info["resumed"]:
             print(f"Resuming from step {info['start_step']} of {info['total_steps']}")
-        print(f"{info['num_images']} images, {info['num_samples']} samples/epoch, "
+        print(f"{info['num_images']} {info.get('data_unit', 'images')}, {info['num_samples']} samples/epoch, "
               f"{info['epochs']} epochs x {info['steps_per_epoch']} steps, effective batch "
               f"{info['effective_batch']}, {info['lora_layers']} LoRA layers "
               f"({info['trainable_parameters']:,} parameters)")

@@ -211,7 +211,7 @@ def trial_config(cfg, folder: Path, steps: int):
 def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
     import torch
 
-    from ..backbones.diffusers_sd import load_backbone
+    from ..tasks import task_for
     from ..training.session import base_dtype, index_dataset, resolve_device, run_training
 
     if cfg.num_threads:
@@ -219,8 +219,7 @@ def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
     device = resolve_device(cfg.device)
     index = index_dataset(cfg)
     started = time.perf_counter()
-    backbone = load_backbone(cfg.base_model, cfg.base_model_config, device=device,
-                             dtype=base_dtype(cfg, device), prediction_type=cfg.prediction_type)
+    backbone = task_for(cfg.task_type).load_backbone(cfg, device, base_dtype(cfg, device))
     load_seconds = time.perf_counter() - started
     before = system.device_memory(device)
     peak_was_reset = system.reset_peak_memory(device)
@@ -230,8 +229,9 @@ def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
     after = system.device_memory(device)
     total = cfg.max_train_steps or times.steps_per_epoch * cfg.epochs   # as TrainingPlan counts
     return [Check("model load", "ok", f"{load_seconds:.1f} s ({cfg.base_model})"),
-            Check("data prep", "ok", f"{times.prepare_seconds:.1f} s (LoRA setup, latents of "
-                  f"{index.num_images} images; cached latents make it shorter next time)"),
+            Check("data prep", "ok", f"{times.prepare_seconds:.1f} s (LoRA setup"
+                  + (f", latents of {index.num_images} images; cached latents make it shorter next time)"
+                     if cfg.task_type == "sd" else ")")),
             *_timing_checks(times.seconds, total),
             _peak_memory_check(device, before, after, peak_was_reset)]
 

@@ -18,6 +18,7 @@ from ..lora.targets import LoraTarget
 
 class TrainingTask(Protocol):
     output_path: Path         # what a finished run leaves in output_dir (a file or a folder)
+    data_unit: str            # what the dataset index counts in num_images ("images", "samples")
 
     def batch_keys(self) -> Sequence:
         """Per dataset record: records with the same key may share a batch (image buckets,

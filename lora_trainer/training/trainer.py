@@ -385,6 +385,7 @@ class Trainer:
         return {"resumed": resumed, "start_step": self.position.global_step,
                 "total_steps": self.plan.total_steps, "epochs": self.plan.epochs_to_run,
                 "steps_per_epoch": self.plan.steps_per_epoch, "num_images": self.index.num_images,
-                "num_samples": self.index.num_samples, "effective_batch": self.plan.effective_batch,
+                "num_samples": self.index.num_samples, "data_unit": self.task.data_unit,
+                "effective_batch": self.plan.effective_batch,
                 "trainable_parameters": trainable, "lora_layers": len(self.network.adapters),
                 "run_dir": str(self.run_dir), "lora_path": str(self.lora_path)}

@@ -222,6 +222,10 @@ def train_on_loaded_model(cfg, *, env: WebuiEnv | None = None, control: Training
                           observers=(), previewer=None, force_resume: bool = False):
     """Train a LoRA on the WebUI's loaded model, in place. Call with the WebUI's queue lock held."""
     global _current_control
+    if cfg.task_type != "sd":   # the tab trains the loaded Stable Diffusion model, nothing else
+        raise CannotTrain(f"task_type {cfg.task_type} cannot train in the WebUI: the tab trains LoRAs on the "
+                          "loaded Stable Diffusion model. Train a causal_lm config with `lora-trainer train "
+                          "--config ...` or in the standalone `lora-trainer ui`.")
     env = env or WebuiEnv.current()
     check_can_train(env)
     with _console_logging():

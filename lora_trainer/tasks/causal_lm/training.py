@@ -14,6 +14,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 
 class CausalLMTraining:
+    data_unit = "samples"   # before packing; the plan's "samples per epoch" are rows
     def __init__(self, cfg, backbone, index):
         self.cfg, self.backbone, self.index = cfg, backbone, index
         self.output_path = Path(cfg.output_dir) / cfg.output_name

@@ -16,6 +16,7 @@ log = logging.getLogger("lora_trainer")
 
 
 class SDTraining:
+    data_unit = "images"
     def __init__(self, cfg, backbone, index):
         self.cfg, self.backbone, self.index = cfg, backbone, index
         self.output_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
