@@ -7,6 +7,7 @@ from .load import (
     ConfigError,
     FieldSpec,
     ValueProblem,
+    applies_to,
     cfg_warnings,
     coerce_value,
     config_diff,
@@ -29,7 +30,7 @@ def render_config_reference() -> str:
 
 __all__ = [
     "EFFECTIVE_CONFIG_NAME", "GROUPS", "REQUIRED_KEYS", "ConfigChange", "ConfigError", "FieldSpec",
-    "TrainConfig", "ValueProblem", "add_config_arguments", "cfg_warnings", "coerce_value",
+    "TrainConfig", "ValueProblem", "add_config_arguments", "applies_to", "cfg_warnings", "coerce_value",
     "config_diff", "config_from_dict", "config_hash", "config_to_dict", "dump_config", "field_meta",
     "field_specs", "fields_of", "load_config", "overrides_from_args", "render_config_reference",
     "resolve_path", "write_effective_config",

@@ -205,7 +205,11 @@ def trial_config(cfg, folder: Path, steps: int):
     changes = dict(run_dir=str(folder / "run"), output_dir=str(folder / "output"), max_train_steps=steps,
                    save_steps=0, resume=False, save_snapshots=False, preview_prompts=[],
                    preview_every_n_steps=0, tensorboard=False, write_card=False)
-    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if hasattr(cfg, k)})
+    from ..config import applies_to, field_specs
+
+    specs = field_specs()   # another task type's settings stay as they are (no "ignored" warnings)
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items()
+                                       if hasattr(cfg, k) and applies_to(specs[k], cfg.task_type)})
 
 
 def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
