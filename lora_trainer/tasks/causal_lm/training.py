@@ -24,8 +24,8 @@ class CausalLMTraining:
     def batch_keys(self):
         return self.index.length_buckets
 
-    def lora_targets(self):
-        return select_targets(self.backbone.lora_targets(), self.cfg.target_modules, False)
+    def lora_targets(self, preset: str):
+        return select_targets(self.backbone.lora_targets(), preset, False)
 
     def init_network(self, network, say) -> None:
         pass   # init_lora_from is an SD setting (kohya files)
