@@ -259,3 +259,27 @@ def test_out_of_memory_halves_the_micro_batch_and_trains_the_same_adapter(lm_con
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), (k, (a[k] - b[k]).abs().max())
     assert "micro-batch halved to 1" in (halved.run_dir / "logs" / "train.log").read_text()
+
+
+def test_packed_samples_do_not_see_each_other(llama, chats):
+    from lora_trainer.tasks.causal_lm.dataset import LMDataset, Row
+    from lora_trainer.tasks.causal_lm.encode import encode_all
+
+    backbone = load_causal_lm(str(llama), torch.device("cpu"), torch.float32)
+    samples = encode_all(Encoder(backbone.tokenizer, "completion", 64, "fail"), read_samples(chats))
+    packed = LMDataset(samples, 64, packing=True)
+    assert len(packed.records) < len(samples) and all(r.length <= 64 for r in packed.records)
+    assert [s for r in packed.records for s in r.samples] == samples   # file order, none split or lost
+    row = next(r for r in packed.records if len(r.samples) > 1)
+    pad = backbone.tokenizer.pad_token_id
+    with torch.no_grad():
+        batch = collate([row], pad, backbone.device)
+        together = backbone.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  attention_mask=batch["attention_mask"]).logits[0]
+        at = 0
+        for sample in row.samples:   # each sample's logits as if it were alone in the row
+            alone = collate([Row((sample,))], pad, backbone.device)
+            logits = backbone.model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits[0]
+            n = len(sample.input_ids)
+            assert torch.allclose(together[at:at + n], logits, atol=1e-5)
+            at += n
