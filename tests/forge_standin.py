@@ -7,7 +7,8 @@ make Forge different for training:
 - `forge_objects` / `forge_objects_original`: UNet, CLIP and VAE "patchers", each with a
   `LoraLoader` stand-in that, like Forge's, *replaces* a patched weight by a merged Parameter and
   keeps the original in `backup` until `refresh({})`;
-- every weight an inference tensor (Forge builds the model under `torch.inference_mode()`);
+- every weight an inference tensor (Forge builds the model under `torch.inference_mode()`), CLIP's
+  token embedding registered twice, its position embedding in fp16 until the first text encoding;
 - the UNet's Linear layers are not `nn.Linear` (Forge's `operations.Linear` is a plain Module), and
   its transformer blocks add into `x` in place after a norm saved it, as Forge's do.
 
@@ -125,6 +126,13 @@ class ForgeStandIn:
         k_model.storage_dtype = k_model.computation_dtype = storage_dtype
         clip_model = nn.Module()
         clip_model.clip_l = a1111.cond_stage_model.wrapped
+        embeddings = {path.rsplit(".", 1)[-1]: m for path, m in clip_model.named_modules()
+                      if path.endswith(("token_embedding", "position_embedding"))}
+        # Forge's textual-inversion wrapper registers the token embedding's weight a second time
+        clip_model.clip_l.token_weight_alias = embeddings["token_embedding"].weight
+        # ...and its first text encoding converts the embeddings to fp32 (they load in fp16)
+        self._position_embedding = embeddings["position_embedding"]
+        self._position_embedding.half()
         vae_model = a1111.first_stage_model
         for module in (k_model, clip_model, vae_model):
             _make_inference_tensors(module)
@@ -142,6 +150,7 @@ class ForgeStandIn:
         self.clip_skip = clip_skip
 
     def text_processing_engine(self, prompts):
+        self._position_embedding.to(dtype=torch.float32)   # what encode_with_transformers does
         return self.a1111.get_learned_conditioning(prompts)
 
     @torch.inference_mode()

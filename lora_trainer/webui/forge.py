@@ -219,16 +219,19 @@ def invalidate_forge_lora_caches(env, names=()) -> list[str]:
 
 def _swap_parameters(module: nn.Module, inference: bool) -> int:
     """Replace every parameter that is (not) an inference tensor by an equal one that is not (is).
-    One tensor at a time: the old one is freed as soon as nothing refers to it."""
-    swapped = 0
+    One tensor at a time: the old one is freed as soon as nothing refers to it. A parameter
+    registered twice (Forge's textual-inversion wrapper registers CLIP's token embedding as its own
+    `weight` too) gets one replacement, so it stays shared."""
+    replacements: dict[int, nn.Parameter] = {}
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
-            if p is None or p.is_inference() == inference:
+            if p is None or (id(p) not in replacements and p.is_inference() == inference):
                 continue
-            with torch.inference_mode(inference):
-                sub._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-            swapped += 1
-    return swapped
+            if id(p) not in replacements:
+                with torch.inference_mode(inference):
+                    replacements[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            sub._parameters[name] = replacements[id(p)]
+    return len(replacements)
 
 
 class AutogradWeights:

@@ -73,6 +73,14 @@ class ForgeBackbone(WebuiBackbone):
         super().release()
         self._copy_norm_inputs(False)
 
+    def settle(self) -> None:
+        """Let Forge finish what it does lazily at its first text encoding: it converts CLIP's
+        token and position embeddings to fp32 then (`encode_with_transformers`). Done once before
+        the job records the weights digest, as a generation would, so the digest is of the model
+        as Forge runs it."""
+        with torch.inference_mode():
+            self.encode_text([""])
+
     def restore_after_generation(self) -> None:
         """After a preview through Forge's txt2img: its LoRA patches off again, and the weights
         they replaced (inference tensors) made usable by autograd again."""

@@ -168,6 +168,7 @@ def _host_backbone(model, env: WebuiEnv, cfg):
     log.info("%s", clean_forge_weights(model, env.memory_management).summary())
     backbone = ForgeBackbone(model, env=env, resolution=cfg.resolution,
                              memory_management=env.memory_management)
+    backbone.settle()
     with backbone.autograd:
         yield backbone
 
