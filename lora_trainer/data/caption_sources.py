@@ -83,9 +83,12 @@ def _metadata_columns(header: Optional[List[str]], csv_path: Path) -> Tuple[int,
     names = [cell.strip().lower() for cell in (header or [])]
     text_column = next((name for name in ("text", "caption") if name in names), None)
     if "file_name" not in names or text_column is None:
-        found = ",".join(header) if header else "an empty file"
+        # which columns are missing, never the line itself: metadata_path can name any file a
+        # request may read, and the error goes back to whoever sent it (docs/security.md)
+        missing = [c for c, ok in (("file_name", "file_name" in names), ("text", text_column)) if not ok]
+        found = f"no {' and no '.join(repr(c) for c in missing)} column" if header else "an empty file"
         raise DataError(f"'{csv_path}' must start with a header row 'file_name,text' "
-                        f"(found: {found}).")
+                        f"(found: {found} in {len(names)} column(s)).")
     return names.index("file_name"), names.index(text_column)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..config import REQUIRED_KEYS
 from . import compat, fields, runs, views
+from .request_rules import RequestRules, names_only
 from .tab_handlers import _TabHandlers
 from .tab_runs import _RunsList
 from .worker import TrainingWorker, default_worker
@@ -53,6 +54,15 @@ class TabSettings:
     config_builder: Optional[Callable[[dict], Any]] = None
     # (task id, config JSON) -> (result JSON, HTML) for the hidden API button (WebUI mode)
     json_handler_factory: Optional[Callable[[], Callable]] = None
+    # where a request may read and write (docs/security.md); a callable: the WebUI's flags are
+    # read when a request comes, not when the tab is built
+    rules: Callable[[], RequestRules] = names_only
+    presets_folder: Optional[Path] = None     # default: <base_dir>/presets
+    # the folders the Runs list may show and resume from (None: any folder typed in the box)
+    runs_roots: Optional[tuple] = None
+
+    def presets_dir(self) -> Path:
+        return Path(self.presets_folder or Path(self.base_dir) / "presets")
 
 
 def _webui_settings(base_dir: Optional[Path]) -> tuple[TabSettings, Optional[Callable]]:
@@ -60,15 +70,21 @@ def _webui_settings(base_dir: Optional[Path]) -> tuple[TabSettings, Optional[Cal
     WebUI's GPU lock, with the config completed by the WebUI's defaults (lora_trainer.webui).
     Returns (settings, trainer); the trainer is None when lora_trainer.webui cannot be imported."""
     try:
-        from ..webui import job, paths
+        from ..webui import guard, job, paths
     except ImportError:
         folder = Path(base_dir or Path.cwd())
         return TabSettings(mode="webui", base_dir=folder, required=("train_data_dir",),
-                           runs_folder=folder / "runs"), None
+                           runs_folder=folder / "runs", runs_roots=(folder / "runs",)), None
+
+    def current_env():
+        from ..webui.env import WebuiEnv
+        try:
+            return WebuiEnv.current(with_model=False)
+        except RuntimeError:      # not inside a WebUI (tests): its default folders
+            return None
 
     def build_config(raw: dict):
-        from ..webui.env import WebuiEnv
-        return job.build_webui_config(raw, WebuiEnv.current(with_model=False))
+        return job.build_webui_config(raw, current_env())
 
     def train_in_webui(cfg, control, observers, force_resume=False):
         from modules import call_queue, shared  # the WebUI's FIFO lock around all GPU work
@@ -85,7 +101,9 @@ def _webui_settings(base_dir: Optional[Path]) -> tuple[TabSettings, Optional[Cal
     folder = Path(base_dir or paths.extension_dir())
     settings = TabSettings(mode="webui", base_dir=folder, required=("train_data_dir",),
                            runs_folder=folder / "runs", config_builder=build_config,
-                           json_handler_factory=job.make_json_train_handler)
+                           json_handler_factory=job.make_json_train_handler,
+                           rules=lambda: guard.webui_rules(current_env()),
+                           presets_folder=folder / "presets", runs_roots=(folder / "runs",))
     return settings, train_in_webui
 
 
@@ -149,8 +167,8 @@ class _TabBuilder(_TabHandlers, _RunsList):
         with blocks:
             with gr.Row(elem_id="lora_trainer_preset_row"):
                 self.preset_path = compat.make(
-                    gr.Textbox, label="Preset file (YAML)", elem_id="lora_trainer_preset_path",
-                    placeholder="presets/my_lora.yaml", lines=1, max_lines=1, scale=4)
+                    gr.Textbox, label=f"Preset name (a YAML file in {self.settings.presets_dir()})",
+                    elem_id="lora_trainer_preset_path", placeholder="my_lora", lines=1, max_lines=1, scale=4)
                 self.load_btn = compat.make(gr.Button, value="Load preset", elem_id="lora_trainer_btn_load_preset",
                                             scale=1)
                 self.save_btn = compat.make(gr.Button, value="Save preset", elem_id="lora_trainer_btn_save_preset",

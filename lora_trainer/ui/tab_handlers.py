@@ -12,9 +12,10 @@ from typing import Optional
 
 import yaml
 
-from ..config import ConfigError, config_from_dict, dump_config, load_config, resolve_path
+from ..config import ConfigError, config_from_dict, dump_config, resolve_path
 from ..config.load import field_specs
-from . import compat, fields, runs, views
+from ..storage.containment import PathRefused, is_inside
+from . import compat, fields, presets, runs, views
 from .worker import Snapshot
 
 log = logging.getLogger("lora_trainer")
@@ -26,9 +27,22 @@ class _TabHandlers:
     """Handlers; they use the builder's `settings`, `worker`, `form` and the `_RunsList` helpers."""
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _rules(self):
+        return self.settings.rules()
+
+    def _checked_raw(self, values, keys=None) -> dict:
+        """The form's raw values (only `keys` if given), refused (ConfigError) where this mode's
+        request rules say so, before anything is read."""
+        raw = self.form.to_dict(values)
+        if keys is not None:
+            raw = {k: raw[k] for k in keys if k in raw}
+        self._rules().check_values(raw, self.settings.base_dir, "the form")
+        return raw
+
     def _config(self, values):
         """(config, None) or (None, message HTML)."""
         try:
+            self._checked_raw(values)
             return self.form.to_config(values, self.settings.base_dir, self.settings.config_builder), None
         except ConfigError as error:
             return None, views.problems_html(error)
@@ -79,9 +93,8 @@ class _TabHandlers:
             checks = importlib.import_module("lora_trainer.datatools.checks")
         except ImportError:
             return views.message_html("Data tools not installed (lora_trainer.datatools is missing).", "warn")
-        raw = self.form.to_dict(values)
-        data_only = {k: raw[k] for k in DATA_KEYS if k in raw}
         try:
+            data_only = self._checked_raw(values, DATA_KEYS)
             cfg = config_from_dict(data_only, base_dir=self.settings.base_dir, source="the form",
                                    required=("train_data_dir",))
             result = full_check.check_dataset(
@@ -102,16 +115,20 @@ class _TabHandlers:
             label = importlib.import_module("lora_trainer.datatools.label")
         except ImportError as error:
             return views.message_html(f"Auto-label needs open_clip ({error}).", "warn")
-        raw = self.form.to_dict(values)
+        model_path = (model_path or "").strip() or None
         try:
-            cfg = config_from_dict({k: raw[k] for k in ("train_data_dir", "trigger_word") if k in raw},
-                                   base_dir=self.settings.base_dir, source="the form",
+            raw = self._checked_raw(values, ("train_data_dir", "trigger_word"))
+            if model_path:
+                self._rules().check_read(resolve_path(model_path, self.settings.base_dir), "CLIP model")
+            cfg = config_from_dict(raw, base_dir=self.settings.base_dir, source="the form",
                                    required=("train_data_dir",))
             options = label.LabelOptions(trigger=cfg.trigger_word, overwrite=bool(overwrite), progress=False)
-            result = label.auto_label(cfg.train_data_dir, options, (model_path or "").strip() or None,
+            result = label.auto_label(cfg.train_data_dir, options, model_path,
                                       (model_name or "").strip() or None)
         except ConfigError as error:
             return views.problems_html(error)
+        except PathRefused as error:
+            return views.message_html(str(error), "error")
         except Exception as error:  # noqa: BLE001 - ModelNotFound says how to provide a model
             log.warning("Auto-label failed: %s", error, exc_info=True)
             return views.message_html(f"Auto-label failed: {error}", "error")
@@ -119,33 +136,38 @@ class _TabHandlers:
         return views.message_html(f"Labeled {len(result.labeled)} image(s){kept}. Written: "
                                   + (", ".join(result.written) or "nothing"), "info")
 
-    def _preset_file(self, path: str) -> Optional[Path]:
-        if not path or not path.strip():
-            return None
-        return Path(resolve_path(path.strip(), self.settings.base_dir))
+    def _preset_file(self, name: str) -> Path:
+        """The preset file a name stands for, inside the presets folder (PathRefused otherwise)."""
+        return presets.preset_file(self.settings.presets_dir(), name)
 
-    def on_load_preset(self, path):
+    def on_load_preset(self, name):
         unchanged = [compat.no_change()] * len(self.form.inputs)
-        target = self._preset_file(path)
-        if target is None:
-            return [*unchanged, views.message_html("Give the path of a preset YAML file.", "warn")]
-        if not target.is_file():
-            return [*unchanged, views.message_html(f"No such file: {target}", "error")]
+        if not (name or "").strip():
+            return [*unchanged, views.message_html("Give the name of a preset.", "warn")]
         try:
-            cfg = load_config(target)
+            target = self._preset_file(name)
+        except PathRefused as error:
+            return [*unchanged, views.message_html(str(error), "error")]
+        if not target.is_file():
+            return [*unchanged, views.message_html(f"No preset named {target.name} in {target.parent}", "error")]
+        try:
+            cfg = presets.load_preset(target)
         except ConfigError as error:
             raw = _read_raw_yaml(target)
             if raw is None:
-                return [*unchanged, views.problems_html(error)]
+                return [*unchanged, views.problems_html(error, f"Cannot load the preset {target}:")]
             values = fields.raw_to_values(_absolute_paths(raw, target.parent), self.form.names)
             return [*values, views.problems_html(error, f"Loaded {target}, but it has problems:")]
         values = fields.config_to_values(cfg, self.form.names)
         return [*values, views.message_html(f"Loaded preset {target}", "ok")]
 
-    def on_save_preset(self, path, *values):
-        target = self._preset_file(path)
-        if target is None:
-            return views.message_html("Give a file path for the preset (e.g. presets/my_lora.yaml).", "warn")
+    def on_save_preset(self, name, *values):
+        if not (name or "").strip():
+            return views.message_html("Give the preset a name (e.g. my_lora).", "warn")
+        try:
+            target = self._preset_file(name)
+        except PathRefused as error:
+            return views.message_html(str(error), "error")
         cfg, problem = self._config(values)
         if problem:
             return problem
@@ -155,7 +177,7 @@ class _TabHandlers:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(target, dump_config(cfg))
         except OSError as error:
-            return views.message_html(f"Cannot write {target}: {error}", "error")
+            return views.message_html(f"Cannot write {target}: {error.strerror or error}", "error")
         return views.message_html(f"Saved preset {target}", "ok")
 
     def on_refresh_runs(self, folder, selected):
@@ -167,8 +189,12 @@ class _TabHandlers:
         if not run_dir:
             return [*unchanged, views.message_html("Pick a run in the runs list first (Refresh runs).",
                                                    "warn")]
+        if not self._allowed_runs_folder(run_dir):
+            return [*unchanged, views.message_html(
+                f"Runs can only be resumed from {self._runs_roots_text()}.", "error")]
         try:
             cfg = runs.resume_config(run_dir, required=self.settings.required)
+            self._rules().check_config(cfg, f"the run {Path(run_dir).name}")
         except ConfigError as error:
             return [*unchanged, views.problems_html(error, f"Cannot resume {run_dir}:")]
         started, text = self.worker.start(cfg)

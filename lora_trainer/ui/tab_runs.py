@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import resolve_path
+from ..storage.containment import inside_any
 from . import compat, runs
 
 log = logging.getLogger("lora_trainer")
@@ -30,10 +31,22 @@ class _RunsList:
 
         return pd.DataFrame(runs.table(found), columns=runs.COLUMNS)
 
+    def _allowed_runs_folder(self, path) -> bool:
+        """Inside the WebUI the Runs list shows and resumes only runs of the extension's runs
+        folder: a folder typed in the box is request input (it would list and resume anything)."""
+        allowed = self.settings.runs_roots
+        return allowed is None or inside_any(path, allowed) is not None
+
+    def _runs_roots_text(self) -> str:
+        return " or ".join(str(p) for p in self.settings.runs_roots or ()) or "any folder"
+
     def _runs_roots(self, folder: str) -> list:
         roots = []
-        if folder and folder.strip():
-            roots.append(resolve_path(folder.strip(), self.settings.base_dir))
+        typed = resolve_path(folder.strip(), self.settings.base_dir) if folder and folder.strip() else None
+        if typed and self._allowed_runs_folder(typed):
+            roots.append(typed)
+        elif typed:
+            log.warning("Runs list: %s is outside %s; not listed", typed, self._runs_roots_text())
         current = self.worker.snapshot().run_dir
         if current:
             roots.append(str(Path(current).parent))

@@ -48,6 +48,7 @@ class WebuiEnv:
     models_path: str | None = None    # modules.paths.models_path
     is_forge: bool = False            # Stable Diffusion WebUI Forge (lora_trainer.webui.forge)
     memory_management: Any = None     # Forge: backend.memory_management
+    data_path: str | None = None      # modules.paths.data_path (--data-dir)
 
     @classmethod
     def current(cls, with_model: bool = True) -> "WebuiEnv":
@@ -76,7 +77,8 @@ class WebuiEnv:
                    opts=shared.opts, networks=lora_extension_module(), processing=processing,
                    extra_pages=extra_pages, call_queue=call_queue, devices=devices, sd_hijack=sd_hijack,
                    prompt_parser=prompt_parser, models_path=paths.models_path, is_forge=forge,
-                   memory_management=memory_management)
+                   memory_management=memory_management,
+                   data_path=getattr(paths, "data_path", None))
 
     def option(self, name: str, default=None):
         if self.opts is None:

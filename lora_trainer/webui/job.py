@@ -120,7 +120,11 @@ def build_webui_config(values: dict, env: WebuiEnv):
     folders, preview settings, the loaded checkpoint as base_model). Relative paths are relative to
     the extension folder, so the default run_dir is `<extension>/runs/<output_name>`."""
     from ..config import config_from_dict
+    from .guard import webui_rules
 
+    rules = webui_rules(env)
+    # the request's own values first: a refused path is never even tested for existence
+    rules.check_values(values, extension_dir(), "<webui>")
     merged = dict(webui_defaults(env))
     if not Path(merged.get("lora_dir", "")).is_dir():
         merged.pop("lora_dir", None)
@@ -129,8 +133,10 @@ def build_webui_config(values: dict, env: WebuiEnv):
         filename = getattr(getattr(env.sd_model, "sd_checkpoint_info", None), "filename", None)
         if filename and Path(filename).exists():
             merged["base_model"] = filename
-    return config_from_dict(merged, base_dir=extension_dir(), source="<webui>",
-                            required=("train_data_dir",))
+    cfg = config_from_dict(merged, base_dir=extension_dir(), source="<webui>", required=("train_data_dir",))
+    # the defaults too (run_dir = runs/<output_name>); reads here are the server's own choices
+    rules.check_config(cfg, "<webui>", reads=False)
+    return cfg
 
 
 def webui_previewer(cfg, env: WebuiEnv):

@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..storage.containment import is_inside
 
 # lora_trainer/webui/paths.py -> the folder that holds lora_trainer/ (the extension's folder when
 # installed in the WebUI's extensions/, whatever it is called)
@@ -46,14 +47,6 @@ def lycoris_dir(env) -> Path | None:
 def output_dir(env) -> Path:
     configured = env.option("lora_trainer_output_dir", "") if env is not None else ""
     return Path(configured) if str(configured).strip() else lora_dir(env)
-
-
-def is_inside(path, folder) -> bool:
-    try:
-        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
-        return True
-    except ValueError:
-        return False
 
 
 def check_run_dir(run_dir, env) -> None:

@@ -179,7 +179,7 @@ def test_stop_then_resume_from_the_runs_list(page, shots, tiny_sd1, shapes_datas
 def test_save_and_load_a_preset(page, app, tiny_sd1, shapes_dataset):
     preset = app["work"] / "presets" / "mine.yaml"
     base_form(page, tiny_sd1, shapes_dataset, app, "from_preset", lora_rank=16, max_train_steps="")
-    fill(page, preset_path=preset)
+    fill(page, preset_path="mine")       # a name: presets live in <cwd>/presets
     click(page, "save_preset")
     sync_api.expect(message(page)).to_contain_text("Saved preset")
     saved = yaml.safe_load(preset.read_text())

@@ -364,14 +364,16 @@ def test_worker_shows_errors_as_a_message(tmp_path, paths):
 
 def test_ui_command_listens_on_localhost_unless_told(monkeypatch, capsys):
     from lora_trainer.cli import build_parser
-    from lora_trainer.ui import app
+    from lora_trainer.ui import app, serve
 
     args = build_parser().parse_args(["ui", "--port", "7999"])
     assert args.func is app.cmd_ui and args.port == 7999 and not args.listen
     launched = []
     monkeypatch.setattr(app, "create_app", lambda defaults=None, base_dir=None: object())
-    monkeypatch.setattr(compat, "launch", lambda blocks, host, port, **kw: launched.append((host, port)))
-    app.launch(port=7999, listen=False, block=False)
-    assert launched[-1] == ("127.0.0.1", 7999) and "WARNING" not in capsys.readouterr().err
-    app.launch(port=7999, listen=True, block=False)
-    assert launched[-1] == ("0.0.0.0", 7999) and "WARNING: --listen" in capsys.readouterr().err
+    monkeypatch.setattr(serve, "serve", lambda blocks, host, port, **kw: launched.append((host, port, kw))
+                        or serve.RunningApp(blocks, None, None, f"http://{host}:{port}/"))
+    app.launch(port=7999, listen=False)
+    assert launched[-1][:2] == ("127.0.0.1", 7999) and "WARNING" not in capsys.readouterr().err
+    app.launch(port=7999, listen=True, auth=[("me", "pw")])
+    assert launched[-1][:2] == ("0.0.0.0", 7999) and launched[-1][2]["auth"] == [("me", "pw")]
+    assert "WARNING: --listen" in capsys.readouterr().err
