@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError
 from ..storage.containment import PathRefused, child, name_problem
 
 SUFFIXES = (".yaml", ".yml")
@@ -46,12 +46,15 @@ def yaml_syntax_problem(path: Path) -> str | None:
     return None
 
 
-def load_preset(path: Path):
-    """The preset's TrainConfig; ConfigError whose messages quote no file content for syntax errors."""
+def load_preset(path: Path, required=None):
+    """The preset's TrainConfig (`required`: the keys this tab needs, e.g. no base_model in the
+    WebUI); ConfigError whose messages quote no file content for syntax errors."""
+    from .runs import load_config_file
+
     syntax = yaml_syntax_problem(path)
     if syntax:
         raise ConfigError(path.name, [("", syntax)])
-    return load_config(path)
+    return load_config_file(path, required)
 
 
 __all__ = ["SUFFIXES", "load_preset", "preset_file", "yaml_syntax_problem"]

@@ -92,23 +92,23 @@ def resume_config(run_dir, required: Optional[Iterable[str]] = None):
     moved aside and started again). Raises ConfigError with every problem. `required`: the keys
     that must be set (default: the config's own; the WebUI drops base_model, it trains on the
     loaded model)."""
-    path = Path(run_dir) / EFFECTIVE_CONFIG_NAME
-    if required is None:
-        cfg = load_config(path)
-    else:
-        import yaml
-
-        from ..config import ConfigError, config_from_dict
-
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(str(path), [("", f"cannot read the run's config: {error}")]) from None
-        if isinstance(raw, dict):
-            # a blank path that is not required here was the field's default when the run started
-            # (the WebUI's runs record `base_model: ''`: they train the loaded model); read back as
-            # given it would be refused as an "empty path" and the run could never be resumed
-            raw = {k: v for k, v in raw.items()
-                   if not (k not in required and k in _BLANK_MEANS_DEFAULT and isinstance(v, str) and not v.strip())}
-        cfg = config_from_dict(raw, base_dir=path.absolute().parent, source=str(path), required=required)
+    cfg = load_config_file(Path(run_dir) / EFFECTIVE_CONFIG_NAME, required)
     return dataclasses.replace(cfg, resume=True) if not cfg.resume else cfg
+
+
+def load_config_file(path, required: Optional[Iterable[str]] = None):
+    """`load_config(path)`, or with other `required` keys than the config's own (a run's
+    config.yaml or a preset written inside the WebUI, where base_model is optional)."""
+    if required is None:
+        return load_config(path)
+    from ..config import config_from_dict
+    from ..config.load import _read_yaml_mapping
+
+    path = Path(path)
+    raw = _read_yaml_mapping(path, str(path))
+    # a blank path that is not required here was the field's default when the file was written
+    # (the WebUI's runs record `base_model: ''`: they train the loaded model); read back as
+    # given it would be refused as an "empty path" and the run could never be resumed
+    raw = {k: v for k, v in raw.items()
+           if not (k not in required and k in _BLANK_MEANS_DEFAULT and isinstance(v, str) and not v.strip())}
+    return config_from_dict(raw, base_dir=path.absolute().parent, source=str(path), required=tuple(required))

@@ -151,7 +151,7 @@ class _TabHandlers:
         if not target.is_file():
             return [*unchanged, views.message_html(f"No preset named {target.name} in {target.parent}", "error")]
         try:
-            cfg = presets.load_preset(target)
+            cfg = presets.load_preset(target, self.settings.required)
         except ConfigError as error:
             raw = _read_raw_yaml(target)
             if raw is None:
