@@ -14,10 +14,12 @@ pytest.importorskip("gradio")
 httpx = pytest.importorskip("httpx")
 
 from lora_trainer.ui import app as ui_app  # noqa: E402
+from lora_trainer.ui import compat  # noqa: E402
 from lora_trainer.ui.http_guard import gradio_temp_dir  # noqa: E402
 
 SECRET = "secret-line-do-not-echo"
 EVIL = "http://evil.example"
+API_PREFIX = "gradio_api/" if compat.GRADIO_MAJOR >= 5 else ""
 
 
 def _free_port() -> int:
@@ -50,8 +52,38 @@ def served(tmp_path_factory):
 
 
 def _fn_index(config, elem_id: str) -> int:
+    """The index of the event whose trigger has `elem_id` (targets are ids on gradio 3, [id, event]
+    pairs on 4+)."""
     ids = {c["id"] for c in config["components"] if c["props"].get("elem_id") == elem_id}
-    return next(i for i, d in enumerate(config["dependencies"]) if set(d["targets"]) & ids)
+    targets = [{t[0] if isinstance(t, list) else t for t in d["targets"]} for d in config["dependencies"]]
+    return next(i for i, found in enumerate(targets) if found & ids)
+
+
+def _api(served) -> str:
+    """Where the API routes are: the root on gradio 3-4, `/gradio_api/` on 5+."""
+    return served["url"] + API_PREFIX
+
+
+def _call(served, body: dict, headers=None) -> httpx.Response:
+    """Call a tab function by fn_index as a script would: `POST /run/predict` on gradio 3; through
+    the queue on 4+ (`queue/join`, then the event stream), answered as a Response whose JSON has
+    `data` like 3's."""
+    if compat.IS_GRADIO_3:
+        return httpx.post(served["url"] + "run/predict", json=body, headers=headers)
+    api = _api(served)
+    joined = httpx.post(api + "queue/join", json={**body, "event_data": None, "trigger_id": None},
+                        headers=headers)
+    if joined.status_code != 200:
+        return joined
+    with httpx.stream("GET", api + "queue/data", params={"session_hash": body["session_hash"]},
+                      timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    output = message.get("output", {})
+                    return httpx.Response(200, json={"data": output.get("data"), "error": output.get("error")})
+    raise AssertionError("the queue never completed the call")
 
 
 def _save_preset_body(config, name: str, **fields) -> dict:
@@ -84,8 +116,10 @@ def test_cross_origin_requests_are_refused_and_write_nothing(served):
     for attack in attacks:
         response = httpx.post(url + "run/predict", **attack)
         assert response.status_code == 403, attack["headers"]
+        response = httpx.post(_api(served) + "queue/join", **attack)
+        assert response.status_code == 403, attack["headers"]
         _no_cors(response)
-    preflight = httpx.options(url + "run/predict", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
+    preflight = httpx.options(_api(served) + "queue/join", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
     assert preflight.status_code == 403
     _no_cors(preflight)
     assert not (served["work"].parent / "pwned.yaml").exists()
@@ -98,6 +132,14 @@ def test_same_origin_page_works_without_cors_headers(served):
     assert httpx.get(served["url"], headers={"Host": "localhost"}).status_code == 200
 
 
+def test_cross_origin_queue_stream_is_refused(served):
+    """gradio 4+: the queue's event stream; no other site may read a job's results."""
+    response = httpx.get(_api(served) + "queue/data", params={"session_hash": "t"}, headers={"Origin": EVIL})
+    assert response.status_code == 403
+    _no_cors(response)
+
+
+@pytest.mark.skipif(not compat.IS_GRADIO_3, reason="the queue is a websocket only on gradio 3")
 def test_cross_origin_websocket_is_refused(served):
     from websockets.sync.client import connect
 
@@ -118,12 +160,12 @@ def test_file_route_serves_only_gradio_copies(served):
     (temp / "escape.txt").symlink_to(work / "secret.txt")
     for path in [work / "secret.txt", "secret.txt", f"{temp}/../{work.name}/secret.txt", temp / "escape.txt",
                  "/etc/hostname", "http://evil.example/x"]:
-        for route in ("file=", "file/"):
+        for route in {"file=", "file/", API_PREFIX + "file="}:
             response = httpx.get(f"{url}{route}{path}")
             assert response.status_code == 403, (route, path)
             assert SECRET not in response.text
     assert httpx.get(f"{url}proxy=http://evil.example/").status_code == 403
-    assert httpx.get(f"{url}file={own}").status_code != 403      # the guard lets gradio's own copies through
+    assert httpx.get(f"{url}{API_PREFIX}file={own}").status_code != 403   # the guard lets gradio's own copies through
 
 
 # ---- presets ----------------------------------------------------------------------------------------
@@ -137,7 +179,7 @@ def _message(response) -> str:
                                   "sub/inner", "C:\\x"])
 def test_save_preset_is_refused_outside_the_presets_folder(served, name):
     before = {p for p in served["work"].parent.rglob("*")}
-    text = _message(httpx.post(served["url"] + "run/predict", json=_save_preset_body(served["config"], name)))
+    text = _message(_call(served, _save_preset_body(served["config"], name)))
     assert "Preset name" in text and "Saved" not in text
     assert {p for p in served["work"].parent.rglob("*")} == before
 
@@ -145,11 +187,10 @@ def test_save_preset_is_refused_outside_the_presets_folder(served, name):
 def test_save_and_load_a_preset_by_name(served, tiny_sd1, shapes_dataset):
     body = _save_preset_body(served["config"], "mine.yaml", train_data_dir=str(shapes_dataset),
                              base_model=str(tiny_sd1["single_file"]))
-    text = _message(httpx.post(served["url"] + "run/predict", json=body))
+    text = _message(_call(served, body))
     assert "Saved preset" in text and (served["work"] / "presets" / "mine.yaml").is_file()
     index = _fn_index(served["config"], "lora_trainer_btn_load_preset")
-    loaded = _message(httpx.post(served["url"] + "run/predict",
-                                 json={"fn_index": index, "data": ["mine"], "session_hash": "t"}))
+    loaded = _message(_call(served, {"fn_index": index, "data": ["mine"], "session_hash": "t"}))
     assert "Loaded preset" in loaded and str(shapes_dataset) in loaded
 
 
@@ -159,8 +200,7 @@ def test_load_errors_never_echo_file_content(served):
     (presets / "broken.yaml").write_text(f"lora_rank: 4\n{SECRET}: [unclosed\n")
     index = _fn_index(served["config"], "lora_trainer_btn_load_preset")
     for name in ("broken", "../secret", "../secret.txt", str(served["work"] / "secret.txt")):
-        text = _message(httpx.post(served["url"] + "run/predict",
-                                   json={"fn_index": index, "data": [name], "session_hash": "t"}))
+        text = _message(_call(served, {"fn_index": index, "data": [name], "session_hash": "t"}))
         assert SECRET not in text, name
         assert "Loaded" not in text
         if name == "broken":
@@ -201,9 +241,10 @@ def test_listen_with_a_login_refuses_anonymous_requests(tmp_path, monkeypatch):
         config_status = httpx.get(running.url + "config").status_code
         assert config_status in (401, 403)
         body = {"fn_index": 0, "data": [], "session_hash": "t"}
-        assert httpx.post(running.url + "run/predict", json=body).status_code in (401, 403)
+        for route in ("run/predict",) if compat.IS_GRADIO_3 else ("run/predict", "queue/join"):
+            assert httpx.post(running.url + API_PREFIX + route, json=body).status_code in (401, 403)
         login = httpx.post(running.url + "login", data={"username": "me", "password": "pw"})
-        assert login.status_code == 200 and "access-token" in login.cookies
+        assert login.status_code == 200 and any(c.startswith("access-token") for c in login.cookies)
         # a login does not make another site's requests acceptable
         assert httpx.get(running.url + "config", cookies=login.cookies,
                          headers={"Origin": EVIL}).status_code == 403
@@ -251,3 +292,20 @@ def test_webui_tab_handlers_follow_the_request_rules(tmp_path, shapes_dataset, t
     resumed = builder.on_resume(str(outside.run_dir), str(tmp_path / "home" / "runs"))
     assert "can only be resumed from" in resumed[-1] and not started
     assert guard.INSECURE_FLAG in builder.on_start(*values, False) and not started
+
+
+@pytest.mark.parametrize("name", ["../evil_up", "..\\evil_up", "/tmp/evil_abs"])
+def test_standalone_output_name_is_a_name(tmp_path, name):
+    from lora_trainer.config import field_specs
+    from lora_trainer.ui.tab import TabSettings, _TabBuilder
+    from lora_trainer.ui.worker import TrainingWorker
+
+    started = []
+    builder = _TabBuilder(TabSettings(base_dir=tmp_path), TrainingWorker(trainer=lambda *a, **k: started.append(a)), {})
+    builder.build()
+    values = [f"{name}" if n == "output_name" else field_specs()[n].default for n in builder.form.names]
+    from lora_trainer.ui import fields
+    values = fields.raw_to_values(dict(zip(builder.form.names, values)), builder.form.names)
+    message = builder.on_start(*values, False)
+    assert "Output name" in message or "output_name" in message
+    assert "must be a name" in message and not started
