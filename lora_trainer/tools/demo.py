@@ -52,7 +52,7 @@ epochs: 5
 learning_rate: 1e-3
 output_dir: "./models/Lora"
 output_name: "demo_{family}"
-save_steps: 10
+save_steps: 20
 resolution: 64
 trigger_word: "lt_demo"
 num_threads: 2
@@ -96,10 +96,10 @@ epochs: 8
 learning_rate: 1e-2
 output_dir: "./output"
 output_name: "demo_causal_lm"
-save_steps: 10
+save_steps: 20
 save_precision: fp32
 preview_prompts: ["What colour is the sky?"]
-preview_every_n_steps: 10
+preview_every_n_steps: 20
 preview_max_new_tokens: 8
 num_threads: 2
 """
