@@ -285,7 +285,9 @@ def cfg_warnings(cfg: TrainConfig) -> list[str]:
                 f"{cfg.task_type} run, so it is ignored."
                 for name, spec in field_specs().items()
                 if not applies_to(spec, cfg.task_type) and getattr(cfg, name) != _fresh_default(spec)]
-    if cfg.task_type != "sd":
+    if cfg.preview_every_n_steps > 0 and not cfg.preview_prompts:
+        warnings.append("preview_every_n_steps is set but preview_prompts is empty; no previews.")
+    if cfg.task_type != "sd":   # the rest are about SD-only settings, already reported as ignored
         return warnings
     if cfg.text_encoder_lr is not None and not cfg.train_text_encoder:
         warnings.append("text_encoder_lr is set but train_text_encoder is false; it has no effect.")
@@ -293,8 +295,6 @@ def cfg_warnings(cfg: TrainConfig) -> list[str]:
             and cfg.adapter_type != "locon"):
         warnings.append("conv_rank/conv_alpha only apply with target_modules: locon (or adapter_type: "
                         "locon); they are ignored.")
-    if cfg.preview_every_n_steps > 0 and not cfg.preview_prompts:
-        warnings.append("preview_every_n_steps is set but preview_prompts is empty; no previews.")
     return warnings
 
 
