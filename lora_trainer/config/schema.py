@@ -101,13 +101,13 @@ class TrainConfig:
     overlong_samples: str = setting("fail", "causal_lm: a sample longer than max_seq_length is an error "
                                     "naming its file and line ('fail'), or is cut to max_seq_length and "
                                     "counted in the data check and train.log ('truncate').", "Data",
-                                    choices=("fail", "truncate"), tasks=LM, resume="fixed")
+                                    choices=("fail", "truncate"), tasks=LM, resume="fixed", advanced=True)
     train_on: str = setting("completion", "causal_lm: which tokens the loss is computed on: "
                             "'completion' (assistant turns, completions; plain text entirely) or 'all'.",
                             "Data", choices=("completion", "all"), tasks=LM, resume="fixed")
     packing: bool = setting(False, "causal_lm: concatenate consecutive samples into rows of up to "
                             "max_seq_length tokens (each keeps its own attention); off: batches of "
-                            "samples of similar length.", "Data", tasks=LM, resume="fixed")
+                            "samples of similar length.", "Data", tasks=LM, resume="fixed", advanced=True)
 
     # ---- Model / output ---------------------------------------------------------------------------
     task_type: str = setting("sd", "What to train: 'sd' (a Stable Diffusion LoRA: images + captions) or "
@@ -237,7 +237,7 @@ class TrainConfig:
                                     "options work too. causal_lm: plain prompts, continued with the adapter "
                                     "(a chat model's template is applied to each as a user message).", "Previews", resume="free", factory=list)
     preview_max_new_tokens: int = setting(32, "causal_lm: tokens generated (greedily) per preview prompt.",
-                                          "Previews", min=1, max=4096, tasks=LM, resume="free")
+                                          "Previews", min=1, max=4096, tasks=LM, resume="free", advanced=True)
     preview_every_n_steps: int = setting(0, "Render previews every N optimizer steps (0: off). causal_lm: "
                                          "each preview prompt's continuation, in train.log and TensorBoard.",
                                          "Previews", min=0, resume="free")
