@@ -180,9 +180,9 @@ def load_backbone(base_model: str, base_model_config: str | None = None, device=
 
     path = Path(base_model)
     if path.is_dir():
-        parts = load_folder(path)
+        parts = load_folder(path, dtype=dtype, device=device)
     elif path.is_file():
-        parts = load_single_file(path, base_model_config)
+        parts = load_single_file(path, base_model_config, dtype=dtype, device=device)
     else:
         raise ModelLoadError(f"base_model: {path} does not exist")
     return DiffusersBackbone(**parts, prediction_type=prediction_type, device=device, dtype=dtype)

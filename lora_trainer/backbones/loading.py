@@ -185,26 +185,35 @@ def _family_object(family: str, prediction_type: str):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def load_single_file(path: str | Path, base_model_config: str | None = None) -> dict:
-    """Load a WebUI-style single-file checkpoint (SD1, SD2 or SDXL base) into diffusers components."""
-    from safetensors.torch import load_file
+def load_single_file(path: str | Path, base_model_config: str | None = None, dtype=None, device="cpu") -> dict:
+    """Load a WebUI-style single-file checkpoint (SD1, SD2 or SDXL base) into diffusers components.
+
+    The UNet and text encoders come out in ``dtype`` (default float32) on ``device``, the VAE in
+    float32 on ``device``; tensors are streamed from the file one by one (see streaming.py), so the
+    load never holds more than the finished models plus one tensor.
+    """
+    import torch
 
     from .diffusers_sd import fingerprint_file
+    from .streaming import SafetensorsFormatError, plan_from_meta, read_index
 
     path = Path(path)
     info = describe_model(str(path), base_model_config)
     log.info("%s: %s", path.name, info.summary())
     configs = load_config_dicts(info.config_folder)
-    state = load_file(str(path))
     try:
-        split = ldm_to_components(state, configs, layout_for(info.family))
-        models = _models_from_state_dicts(configs, split.state_dicts)
-    except (CheckpointKeyError, ValueError, RuntimeError) as e:
+        index = read_index(path)
+        meta = index.meta_state_dict()
+        split = ldm_to_components(meta, configs, layout_for(info.family))
+        models = _empty_models(configs, split.state_dicts)
+        plan = plan_from_meta(meta, {name: split.state_dicts[name] for name in models})
+    except (CheckpointKeyError, SafetensorsFormatError, ValueError, RuntimeError) as e:
         hint = ("set base_model_config to the diffusers config folder that matches this checkpoint"
                 if not base_model_config else f"base_model_config {info.config_folder} does not match it")
         raise _load_error(f"base_model: {path} ({info.description}) does not fit the configs in "
                           f"{info.config_folder}: {e}; {hint}") from e
-    del state, split
+    del meta, split
+    _stream_into(models, index, plan, dtype or torch.float32, torch.device(device))
     parts = dict(models, scheduler_config=configs["scheduler"],
                  family=_family_object(info.family, info.prediction_type),
                  source=str(path), source_hash=fingerprint_file(path), detected=info.summary())
@@ -212,8 +221,14 @@ def load_single_file(path: str | Path, base_model_config: str | None = None) -> 
     return parts
 
 
-def load_folder(path: str | Path) -> dict:
-    """Load a diffusers pipeline folder (SD1, SD2 or SDXL) into components, offline."""
+def load_folder(path: str | Path, dtype=None, device="cpu") -> dict:
+    """Load a diffusers pipeline folder (SD1, SD2 or SDXL) into components, offline.
+
+    Only .safetensors weights (a folder with .bin pickles only is refused); the UNet and text
+    encoders in ``dtype`` (default float32), the VAE in float32, all on ``device``. The
+    libraries build the models on the meta device and load the files directly in that dtype.
+    """
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -222,18 +237,24 @@ def load_folder(path: str | Path) -> dict:
     path = Path(path)
     info = _describe_folder(path)
     log.info("%s: %s", path.name, info.summary())
-    kwargs = dict(local_files_only=True)
-    parts = {
-        "unet": UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", **kwargs),
-        "vae": AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kwargs),
-    }
-    configs = load_config_dicts(path)
-    for name in _TEXT_ENCODERS:
-        if name in configs:
-            with_projection = any("WithProjection" in a for a in configs[name].get("architectures") or ())
-            model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-            parts[name] = model_class.from_pretrained(str(path), subfolder=name, **kwargs)
+    dtype = dtype or torch.float32
+    kwargs = dict(local_files_only=True, use_safetensors=True)
+    try:
+        parts = {
+            "unet": UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype, **kwargs),
+            "vae": AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=torch.float32, **kwargs),
+        }
+        configs = load_config_dicts(path)
+        for name in _TEXT_ENCODERS:
+            if name in configs:
+                with_projection = any("WithProjection" in a for a in configs[name].get("architectures") or ())
+                model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+                parts[name] = model_class.from_pretrained(str(path), subfolder=name, **_transformers_dtype(dtype), **kwargs)
+    except OSError as e:
+        raise _load_error(f"base_model: {path}: {e} (diffusers folders are loaded from .safetensors weights "
+                          "only; .bin files are pickles, which this project never loads)") from e
     for model in parts.values():
+        model.to(device)
         model.eval()
     parts.update(scheduler_config=configs["scheduler"], family=_family_object(info.family, info.prediction_type),
                  source=str(path), source_hash=_folder_fingerprint(path), detected=info.summary())
@@ -241,38 +262,40 @@ def load_folder(path: str | Path) -> dict:
     return parts
 
 
-def _models_from_state_dicts(configs: Mapping, state_dicts: Mapping) -> dict:
-    """Build the models without initialising weights (meta parameters), then assign the tensors.
+def _transformers_dtype(dtype) -> dict:
+    """transformers 5 renamed ``torch_dtype`` to ``dtype`` (the WebUI's 4.x knows only the former)."""
+    import transformers
 
-    Building a real-size SDXL with random init costs tens of seconds on a small CPU and twice the
-    memory; assigning the file's tensors (cast to float32, each owning its storage) avoids both.
-    """
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
+def _empty_models(configs: Mapping, state_dicts: Mapping) -> dict:
+    """The models built without allocating their weights (meta parameters; buffers stay real: a
+    text encoder's position_ids are not in checkpoints), after checking that ``state_dicts`` (meta
+    tensors are enough) fit them key for key and shape for shape."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     try:
         from accelerate import init_empty_weights
-    except ImportError:  # without accelerate: ordinary init, then copy
-        init_empty_weights = None
+    except ImportError:   # without accelerate (a dependency of the diffusers extra): ordinary init
+        init_empty_weights = contextlib.nullcontext
     models = {}
     for name in ("unet", "vae", *_TEXT_ENCODERS):
         if name not in configs or name not in state_dicts:
             continue
-        with (init_empty_weights() if init_empty_weights else contextlib.nullcontext()):
+        with init_empty_weights():
             if name == "unet":
                 model = UNet2DConditionModel.from_config(_public(configs["unet"]))
             elif name == "vae":
                 model = AutoencoderKL.from_config(_public(configs["vae"]))
             else:
                 model = build_text_encoder(configs[name])
-        _assign_strict(model, state_dicts[name], name, assign=init_empty_weights is not None)
-        model.eval()
+        _check_fits(model, state_dicts[name], name)
         models[name] = model
     return models
 
 
-def _assign_strict(model, state_dict: Mapping, what: str, assign: bool) -> None:
-    import torch
-
+def _check_fits(model, state_dict: Mapping, what: str) -> None:
     own = model.state_dict()
     # transformers keeps position_ids out of checkpoints (a non-persistent buffer in recent versions)
     missing = [k for k in own if k not in state_dict and not k.endswith("position_ids")]
@@ -284,20 +307,28 @@ def _assign_strict(model, state_dict: Mapping, what: str, assign: bool) -> None:
              for k, v in state_dict.items() if tuple(own[k].shape) != tuple(v.shape)]
     if wrong:
         raise ValueError(f"{what}: {len(wrong)} shape mismatches, e.g. {wrong[0]}")
-    tensors = {}
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            tensor = tensor.to(torch.float32)
-        elif assign and (not tensor.is_contiguous()
-                         or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size()):
-            # views made by the key conversion (split q/k/v, transposed projections): own storage,
-            # so safetensors can save the model later (it refuses tensors sharing memory)
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        tensors[key] = tensor
-    model.load_state_dict(tensors, strict=False, assign=assign)
-    on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if on_meta:
-        raise ValueError(f"{what}: no weights for {on_meta[:3]}")
+
+
+def _stream_into(models: Mapping, index, plan: Mapping, dtype, device) -> None:
+    """Fill the empty models from the file, tensor by tensor, in their training dtype and device.
+    The VAE stays float32 (it encodes once; fp16 VAEs overflow, SDXL's notably)."""
+    import torch
+
+    from .streaming import stream_tensors
+
+    def dtype_for(component: str):
+        return torch.float32 if component == "vae" else dtype
+
+    tensors: dict = {name: {} for name in models}
+    for component, key, tensor in stream_tensors(index, plan, dtype_for, device):
+        tensors[component][key] = tensor
+    for name, model in models.items():
+        model.load_state_dict(tensors.pop(name), strict=False, assign=True)
+        model.to(device)   # the real buffers (position_ids) follow the weights
+        on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if on_meta:
+            raise _load_error(f"{name}: no weights for {on_meta[:3]}")
+        model.eval()
 
 
 def _tokenizers(folder: Path | None, family: str) -> dict:
