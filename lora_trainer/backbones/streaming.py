@@ -16,13 +16,13 @@ code as the meta one and nothing is written twice.
 """
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
+
+from .safetensors_header import SafetensorsFormatError, read_header
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -30,10 +30,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
-
-
-class SafetensorsFormatError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -63,19 +59,7 @@ class SafetensorsIndex:
 def read_index(path: str | Path) -> SafetensorsIndex:
     """The header of a .safetensors file: every tensor's dtype, shape and byte range, and the metadata."""
     path = Path(path)
-    with open(path, "rb") as f:
-        raw_length = f.read(8)
-        if len(raw_length) != 8:
-            raise SafetensorsFormatError(f"{path}: too short to be a .safetensors file")
-        (length,) = struct.unpack("<Q", raw_length)
-        if length > 100 * (1 << 20):
-            raise SafetensorsFormatError(f"{path}: header length {length} is not plausible")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsFormatError(f"{path}: unreadable header: {e}") from e
-    data_start = 8 + length
-    metadata = header.pop("__metadata__", None) or {}
+    header, metadata, data_start = read_header(path)
     entries = {}
     for key, spec in header.items():
         try:
