@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .families import FAMILIES, SD2_V
+from .safetensors_header import read_key_shapes  # noqa: F401  (public here since before)
 from .ldm_keys import (CheckpointKeyError, UnsupportedCheckpointError, detect_family_and_variant, layout_for,
                        ldm_to_components)
 from .tiny import (EOS_TOKEN, OPEN_CLIP_PAD_TOKEN, SHIPPED_CONFIG_DIRS, build_text_encoder, build_tokenizer,
@@ -66,16 +67,6 @@ def _load_error(message: str) -> Exception:
 
 
 # ---- deciding what a file is ------------------------------------------------------------------------
-
-def read_key_shapes(path: Path) -> tuple[dict, dict]:
-    """(key -> shape, metadata) of a .safetensors file, without reading tensor data."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-        metadata = dict(handle.metadata() or {})
-    return shapes, metadata
-
 
 def describe_model(base_model: str, base_model_config: str | None = None) -> ModelDescription:
     """What ``load_single_file`` / ``load_folder`` would load and why; reads no weights."""
@@ -177,6 +168,11 @@ def _check_single_file(path: Path) -> None:
                           "(.ckpt files are pickles, which this project never loads)")
 
 
+def family_for(info: ModelDescription):
+    """The Family (names, metadata, native resolution) of a described model."""
+    return _family_object(info.family, info.prediction_type)
+
+
 def _family_object(family: str, prediction_type: str):
     if family == "sd2" and prediction_type == "v_prediction":
         return SD2_V
@@ -195,7 +191,8 @@ def load_single_file(path: str | Path, base_model_config: str | None = None, dty
     import torch
 
     from .diffusers_sd import fingerprint_file
-    from .streaming import SafetensorsFormatError, plan_from_meta, read_index
+    from .safetensors_header import SafetensorsFormatError
+    from .streaming import plan_from_meta, read_index
 
     path = Path(path)
     info = describe_model(str(path), base_model_config)
@@ -213,10 +210,12 @@ def load_single_file(path: str | Path, base_model_config: str | None = None, dty
         raise _load_error(f"base_model: {path} ({info.description}) does not fit the configs in "
                           f"{info.config_folder}: {e}; {hint}") from e
     del meta, split
-    _stream_into(models, index, plan, dtype or torch.float32, torch.device(device))
+    dtype = dtype or torch.float32
+    _stream_into(models, index, plan, dtype, torch.device(device))
     parts = dict(models, scheduler_config=configs["scheduler"],
                  family=_family_object(info.family, info.prediction_type),
-                 source=str(path), source_hash=fingerprint_file(path), detected=info.summary())
+                 source=str(path), source_hash=fingerprint_file(path), detected=info.summary(),
+                 reload=_single_file_reloader(index, plan, dtype))
     parts.update(_tokenizers(info.config_folder, info.family))
     return parts
 
@@ -257,9 +256,40 @@ def load_folder(path: str | Path, dtype=None, device="cpu") -> dict:
         model.to(device)
         model.eval()
     parts.update(scheduler_config=configs["scheduler"], family=_family_object(info.family, info.prediction_type),
-                 source=str(path), source_hash=_folder_fingerprint(path), detected=info.summary())
+                 source=str(path), source_hash=_folder_fingerprint(path), detected=info.summary(),
+                 reload=_folder_reloader(path, {name: type(parts[name]) for name in parts}, dtype))
     parts.update(_tokenizers(path, info.family))
     return parts
+
+
+def _single_file_reloader(index, plan: Mapping, dtype):
+    """reload(component) -> its state dict (CPU, load dtype; the VAE float32) read again from the file:
+    for a text encoder or VAE dropped from memory after caching (DiffusersBackbone.park)."""
+    def reload(component: str) -> dict:
+        import torch
+
+        from .streaming import stream_tensors
+
+        own = {key: kept for key, placements in plan.items()
+               if (kept := [p for p in placements if p.component == component])}
+        dtype_for = (lambda name: torch.float32 if name == "vae" else dtype)
+        return {key: tensor for _, key, tensor in stream_tensors(index, own, dtype_for, torch.device("cpu"))}
+
+    return reload
+
+
+def _folder_reloader(path: Path, classes: Mapping, dtype):
+    def reload(component: str) -> dict:
+        import torch
+
+        kwargs = dict(local_files_only=True, use_safetensors=True)
+        if component == "vae":
+            kwargs["torch_dtype"] = torch.float32
+        elif component.startswith("text_encoder"):
+            kwargs.update(_transformers_dtype(dtype))
+        return classes[component].from_pretrained(str(path), subfolder=component, **kwargs).state_dict()
+
+    return reload
 
 
 def _transformers_dtype(dtype) -> dict:

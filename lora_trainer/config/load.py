@@ -180,9 +180,12 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
             values[spec.name] = _value_for(spec, d, base_dir, required, task_type)
         except ValueProblem as problem:
             problems.append((spec.name, str(problem)))
-    problems += [] if problems else _adapter_problems(values)
+    problems += [] if problems else _adapter_problems(values) + _precision_problems(values)
     if problems:
         raise ConfigError(source, _file_order(problems, d))
+    if "resolution" not in d and values.get("base_model"):
+        values["resolution"] = _family_resolution(values["base_model"], values.get("base_model_config"),
+                                                  values["resolution"])
     if values["run_dir"] is None:
         # Next to the YAML rather than in output_dir: the WebUI lists everything in models/Lora.
         values["run_dir"] = resolve_path(os.path.join("runs", values["output_name"]), base_dir)
@@ -201,6 +204,30 @@ def _adapter_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         problems.append(("lokr_factor", f"only applies to adapter_type: lokr (this is "
                                         f"{values['adapter_type']}); remove it or set adapter_type: lokr"))
     return problems
+
+
+def _family_resolution(base_model: str, base_model_config: Optional[str], fallback: int) -> int:
+    """A config that does not name `resolution` trains at the model family's native size (SDXL
+    1024, SD2-768-v 768, SD1/SD2-base 512): an SDXL model must not train at 512 by accident. Read
+    from the file's header (no weights, no torch); an unreadable model keeps the schema default
+    and is reported by the loader."""
+    from ..backbones.loading import describe_model, family_for
+
+    try:
+        info = describe_model(base_model, base_model_config)
+    except Exception:   # noqa: BLE001 - the model load names the problem with its field
+        return fallback
+    return family_for(info).default_resolution
+
+
+def _precision_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Half-precision base weights compute under autocast of the same half type: without it the
+    fp32 LoRA outputs and fp32 inputs would meet fp16/bf16 weights in one layer."""
+    base, mixed = values["base_dtype"], values["mixed_precision"]
+    if base not in ("fp16", "bf16") or mixed == base:
+        return []
+    return [("base_dtype", f"{base} base weights need mixed_precision: {base} (it is {mixed!r}); "
+                           f"set mixed_precision: {base}, or base_dtype: auto / fp32")]
 
 
 def _is_within(inner: str, outer: str) -> bool:

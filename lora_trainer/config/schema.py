@@ -54,7 +54,9 @@ class TrainConfig:
                                      "Data", tasks=SD, resume="fixed", advanced=True)
     repeats: int = setting(1, "Default repeats per image for folders without an 'N_' prefix.", "Data",
                            min=1, max=10000, tasks=SD, resume="fixed")
-    resolution: int = setting(512, "Training resolution in pixels (images are resized and cropped to it).",
+    resolution: int = setting(512, "Training resolution in pixels (images are resized and cropped to it). "
+                              "A YAML config without it gets the base model's native size: 1024 for "
+                              "SDXL, 768 for SD2-768-v, 512 for SD1 and SD2-base.",
                               "Data", min=64, max=4096, tasks=SD, resume="fixed")
     random_crop: bool = setting(False, "Crop at a random (seeded) position instead of the centre.", "Data",
                                 tasks=SD, resume="fixed")
@@ -77,6 +79,21 @@ class TrainConfig:
     cache_dir: Optional[str] = setting(None, "Cache folder (default: $LORA_TRAINER_CACHE or "
                                        "~/.cache/lora_trainer).", "Data", path="out", tasks=SD, resume="free",
                                        advanced=True)
+    free_text_encoders_after_caching: bool = setting(
+        True, "When every caption's embedding is cached before the first step (text encoder not "
+        "trained, no shuffle_caption, no random_crop), drop the text encoders' weights from memory; "
+        "they are read back from base_model for a preview and dropped again. Cannot change the "
+        "result. Headless only (the WebUI's own model is never touched).", "Data", resume="free",
+        tasks=SD, advanced=True)
+    offload_vae_after_caching: bool = setting(
+        True, "When every latent is cached (no random_crop), take the VAE out of memory (on a GPU: "
+        "moved to the CPU; on the CPU: dropped and read back from base_model when a preview needs "
+        "it). Cannot change the result. Headless only.", "Data", resume="free", tasks=SD, advanced=True)
+    vae_tile_size: int = setting(
+        1024, "Images larger than this many pixels on a side are VAE-encoded in tiles (and batches "
+        "in slices), which bounds the encoder's memory at large resolutions; 0: never tile. Tiled "
+        "latents differ slightly from whole-image ones at tile seams.", "Data", min=0, max=16384,
+        resume="fixed", tasks=SD, advanced=True)
     shuffle_caption: bool = setting(False, "Shuffle comma-separated caption tags each time an image is used.",
                                     "Data", tasks=SD, resume="fixed")
     keep_tokens: int = setting(0, "With shuffle_caption: keep this many leading tags in place (e.g. the "
@@ -203,6 +220,13 @@ class TrainConfig:
                                              "Training", min=0.0)
     mixed_precision: str = setting("no", "'no' (fp32), 'fp16' (CUDA only; uses a grad scaler) or 'bf16'.",
                                    "Training", choices=("no", "fp16", "bf16"), resume="fixed")
+    base_dtype: str = setting(
+        "auto", "Precision the frozen base weights (UNet, text encoders) are held in: 'auto' follows "
+        "mixed_precision (fp16/bf16 weights under fp16/bf16, else fp32); 'fp16'/'bf16' halve the model's "
+        "memory and need the same mixed_precision; 'fp32' keeps full-precision weights under autocast. "
+        "The LoRA, optimizer and loss stay fp32; the VAE stays fp32. Headless only: in the WebUI the "
+        "loaded model is trained as the WebUI holds it.", "Training",
+        choices=("auto", "fp32", "fp16", "bf16"), resume="force", advanced=True)
     gradient_checkpointing: bool = setting(False, "Trade compute for memory (recompute activations).",
                                            "Training", resume="free")
     seed: int = setting(42, "Seed for data order, crops, captions, noise and timesteps.", "Training",

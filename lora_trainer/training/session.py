@@ -14,6 +14,7 @@ import torch
 from ..config.load import cfg_warnings, write_effective_config
 from ..monitor.logfile import attach_run_log
 from ..monitor.run_log import run_monitors
+from ..monitor.system import PhasePeaks
 from ..tasks import task_for
 from .control import TrainingControl
 from .distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
@@ -31,13 +32,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def base_dtype(cfg, device: torch.device) -> torch.dtype:
-    """Frozen base weights in half precision on a GPU (the LoRA itself stays fp32)."""
-    if device.type == "cuda" and cfg.mixed_precision == "fp16":
-        return torch.float16
-    if device.type == "cuda" and cfg.mixed_precision == "bf16":
-        return torch.bfloat16
-    return torch.float32
+    """The frozen base weights' dtype (the LoRA itself stays fp32). 'auto' follows mixed_precision
+    on every device: bf16 on the CPU halves the model's memory too (fp16 is CUDA-only, refused
+    with its field named by the trainer)."""
+    if cfg.base_dtype != "auto":
+        return _DTYPES[cfg.base_dtype]
+    return _DTYPES.get(cfg.mixed_precision, torch.float32)
 
 
 def index_dataset(cfg):
@@ -54,7 +58,7 @@ def set_aside_old_run(run_dir: Path) -> Path | None:
 
 
 def run_training(cfg, backbone, control=None, observers=(), previewer=None, force_resume=False,
-                 index=None, dist: DistContext = SINGLE, data_findings=None) -> TrainResult:
+                 index=None, dist: DistContext = SINGLE, data_findings=None, phases=None) -> TrainResult:
     """`data_findings`: the data check's findings when the caller already ran it (then they are
     only logged here, not computed again)."""
     run_dir = Path(cfg.run_dir)
@@ -84,7 +88,7 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
             monitoring = run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([])
             with monitoring as monitors:  # train.log lines, TensorBoard
                 trainer = Trainer(cfg, backbone, index, control or TrainingControl(),
-                                  [*monitors, *observers], previewer, force_resume, dist)
+                                  [*monitors, *observers], previewer, force_resume, dist, phases)
                 return trainer.run()
         except Exception:
             # the stack goes to train.log only; the console shows the message (see cli)
@@ -105,10 +109,13 @@ def train_from_config(cfg, control=None, observers=(), force_resume=False) -> Tr
     index = task.index_dataset(cfg)  # data errors before the (slow) model load
     # errors stop the run here, before the model load; run_training logs the warnings into train.log
     findings = task.check_data(index, cfg) if cfg.check_data else None
+    phases = PhasePeaks(device)
+    phases.enter("load")
     backbone = task.load_backbone(cfg, device, base_dtype(cfg, device))
+    phases.enter("setup")   # LoRA, optimizer, resume check: until the caches are filled
     try:
         return run_training(cfg, backbone, control, observers if dist.is_main else (), None,
-                            force_resume, index=index, dist=dist, data_findings=findings)
+                            force_resume, index=index, dist=dist, data_findings=findings, phases=phases)
     finally:
         shutdown(dist)
 
