@@ -44,8 +44,13 @@ class DiffusersBackbone:
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler_config: dict, family: Family,
                  source: str, source_hash: str, prediction_type: str | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 text_encoder_2=None, tokenizer_2=None, detected: str = ""):
+                 text_encoder_2=None, tokenizer_2=None, detected: str = "", reload=None):
         self.unet, self.vae = unet, vae
+        # reload(component) -> that component's state dict from base_model, in its load dtype
+        # (None: components can only be moved, never dropped)
+        self._reload = reload
+        self._parked: dict = {}   # component name -> "dropped" | "cpu"
+        self.vae_tile_size = 0
         self.text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
         self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
@@ -90,10 +95,75 @@ class DiffusersBackbone:
         else:
             self.unet.disable_gradient_checkpointing()
 
+    # memory levers: components out of memory while they are not needed ---------------------------
+    def _components(self) -> dict:
+        named = {"vae": self.vae, "text_encoder": self.text_encoder}
+        if len(self.text_encoders) > 1:
+            named["text_encoder_2"] = self.text_encoders[1]
+        return named
+
+    def park(self, names) -> list[str]:
+        """Take components out of memory until they are used again (``unpark`` or their first use
+        in encode_image / encode_text / decode_latents). On a GPU they move to the CPU; on the CPU
+        their weights are dropped and read back from base_model later (needs ``reload``). The
+        module objects stay (hooks and LoRA adapters on them stay valid). Returns what it parked."""
+        parked = []
+        for name in names:
+            module = self._components().get(name)
+            if module is None or name in self._parked:
+                continue
+            if self.device.type != "cpu":
+                module.to("cpu")
+                self._parked[name] = "cpu"
+            elif self._reload is not None:
+                for param in module.parameters():   # keeps the Parameter objects, frees their data
+                    param.data = torch.empty(0, dtype=param.dtype)
+                self._parked[name] = "dropped"
+            else:
+                continue
+            parked.append(name)
+        if parked:
+            from ..monitor.system import release_free_memory
+
+            release_free_memory()
+        return parked
+
+    def unpark(self, names=None) -> None:
+        for name in list(self._parked if names is None else names):
+            how = self._parked.pop(name, None)
+            if how is None:
+                continue
+            module = self._components()[name]
+            if how == "dropped":
+                state = self._reload(name)
+                for key, param in module.named_parameters():
+                    param.data = state.pop(key)
+                del state
+            module.to(self.device)
+
+    @property
+    def parked(self) -> tuple[str, ...]:
+        return tuple(self._parked)
+
+    def _vae_encode(self, pixels):
+        """Tiles above vae_tile_size px per side (diffusers' tiled encode, tiles of that size)."""
+        tile = self.vae_tile_size
+        use_tiling = bool(tile) and max(pixels.shape[-2:]) > tile and hasattr(self.vae, "tile_sample_min_size")
+        if not use_tiling:
+            return self.vae.encode(pixels)
+        saved = (self.vae.use_tiling, self.vae.tile_sample_min_size, self.vae.tile_latent_min_size)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae.use_tiling, self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = True, tile, tile // factor
+        try:
+            return self.vae.encode(pixels)
+        finally:
+            self.vae.use_tiling, self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = saved
+
     # encoding / prediction
     @torch.no_grad()
     def encode_image(self, pixels, generator):
-        dist = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        self.unpark(["vae"])
+        dist = self._vae_encode(pixels.to(self.device, torch.float32)).latent_dist
         noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype).to(self.device)
         return (dist.mean + dist.std * noise) * self.scaling_factor
 
@@ -102,6 +172,7 @@ class DiffusersBackbone:
                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
 
     def encode_text(self, captions, sizes=None):
+        self.unpark([n for n in self._parked if n.startswith("text_encoder")])
         if self.family.name != "sdxl":
             return {"crossattn": self.text_encoder(self._token_ids(self.tokenizer, captions))[0]}
         hidden, pooled = [], None
@@ -129,6 +200,7 @@ class DiffusersBackbone:
 
     @torch.no_grad()
     def decode_latents(self, latents):
+        self.unpark(["vae"])
         images = self.vae.decode(latents.to(self.device, torch.float32) / self.scaling_factor).sample
         return (images / 2 + 0.5).clamp(0, 1)
 

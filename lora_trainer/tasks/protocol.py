@@ -32,7 +32,9 @@ class TrainingTask(Protocol):
         """Load initial adapter weights the config names (incremental training), if any."""
 
     def prepare(self) -> None:
-        """Fill caches before the first step (rank 0 first, then the others read them)."""
+        """Fill caches before the first step (rank 0 first, then the others read them).
+        Optional companion: ``release_cached_inputs() -> list[str]``, called after it and after
+        every preview, takes the model parts whose outputs are all cached out of memory."""
 
     def loss(self, epoch: int, chunk: list[tuple[int, int]],
              autocast: Callable[[], ContextManager]) -> torch.Tensor:

@@ -76,8 +76,12 @@ class SampleSource:
 
     def _cached_latent(self, record_idx: int) -> tuple[torch.Tensor, dict]:
         record = self.records[record_idx]
-        key = cache_key(kind="latent", image=record.sha256, bucket=self.buckets.per_record[record_idx],
-                        crop="center", model=self.model_hash)
+        bucket = self.buckets.per_record[record_idx]
+        tile = getattr(self.backbone, "vae_tile_size", 0)
+        # tiled latents differ from whole-image ones: their own entries (keys unchanged otherwise)
+        tiling = {"vae_tile": tile} if tile and max(bucket) > tile else {}
+        key = cache_key(kind="latent", image=record.sha256, bucket=bucket, crop="center",
+                        model=self.model_hash, **tiling)
         if self.latent_disk:
             hit = self.latent_disk.get(key)
             if hit is not None:
@@ -119,8 +123,11 @@ class SampleSource:
     def _encode_one(self, caption: str, sizes: dict) -> dict:
         # the host is always in the key, so entries of versions that keyed only the model (where
         # the WebUI's and the headless embeddings could be mixed up) are never read again
+        # half-precision text encoders give other embeddings than fp32 ones (keys of fp32 unchanged)
+        dtype = getattr(self.backbone, "dtype", torch.float32)
+        precision = {"dtype": str(dtype)} if dtype != torch.float32 else {}
         key = cache_key(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1],
-                        model=self.model_hash, host=self.text_host or "headless")
+                        model=self.model_hash, host=self.text_host or "headless", **precision)
         if self.text_disk:
             hit = self.text_disk.get(key)
             if hit is not None:
@@ -131,13 +138,19 @@ class SampleSource:
             self.text_disk.put(key, cond)
         return cond
 
+    @property
+    def conditioning_all_cached(self) -> bool:
+        """Every caption's embedding is known before the first step and never changes: the text
+        encoders are not needed again for training (see precompute_conditioning)."""
+        return self.cache_text and not self.cfg.shuffle_caption and self.cache_latents
+
     def precompute_conditioning(self) -> None:
         """Encode every caption once, before the first step, when the conditioning depends on the
         record alone (no shuffling; cached latents, whose sizes are SDXL's size conditioning). The
         values are the ones the first epoch would compute (one caption at a time), only earlier:
         the text encoder is then done before the UNet starts, which is what the WebUI's --medvram
         needs (it swaps the two on and off the GPU whenever the other runs)."""
-        if not self.cache_text or self.cfg.shuffle_caption or not self.cache_latents:
+        if not self.conditioning_all_cached:
             return
         with_dropout = self.cfg.caption_dropout_rate > 0
         for i, record in enumerate(self.records):

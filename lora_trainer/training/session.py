@@ -88,7 +88,7 @@ def run_training(cfg, backbone, control=None, observers=(), previewer=None, forc
             monitoring = run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([])
             with monitoring as monitors:  # train.log lines, TensorBoard
                 trainer = Trainer(cfg, backbone, index, control or TrainingControl(),
-                                  [*monitors, *observers], previewer, force_resume, dist, phases)
+                                  [*monitors, *observers], previewer, force_resume, dist, phases=phases)
                 return trainer.run()
         except Exception:
             # the stack goes to train.log only; the console shows the message (see cli)

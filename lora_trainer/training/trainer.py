@@ -19,6 +19,7 @@ from ..storage.checkpoints import CheckpointStore
 from . import resume as resume_mod
 from .distributed import SINGLE, DistContext
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
+from ..monitor.system import PhasePeaks
 from .oom import OutOfMemoryStop, is_out_of_memory, next_oom_action, oom_advice, release_failed_step
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan, count_batches, iterate_steps
@@ -40,10 +41,15 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg, backbone, index, control: TrainingControl | None = None,
                  observers: list[TrainingObserver] = (), previewer=None, force_resume: bool = False,
-                 dist: DistContext = SINGLE, task=None):
+                 dist: DistContext = SINGLE, task=None, phases: PhasePeaks | None = None):
         """`task`: the task's training side (tasks/protocol.py TrainingTask); by default the one
-        `cfg.task_type` names."""
+        `cfg.task_type` names. `phases`: the memory/time per phase record (the headless session
+        passes the one that measured the model load)."""
         self.cfg, self.backbone, self.index = cfg, backbone, index
+        if phases is None:
+            phases = PhasePeaks(backbone.device)
+            phases.enter("setup")
+        self.phases = phases
         self.dist = dist
         if not dist.is_main:  # only rank 0 reports, previews and writes
             observers, previewer = (), None
@@ -216,10 +222,13 @@ class Trainer:
             return self._result("already_finished", msg)
         self.say(self.plan.describe_length())
         self._describe_data()
+        self.phases.enter("caching")
         if self.dist.is_main:  # rank 0 fills the disk cache once; the others then read it
             self.task.prepare()
         self.dist.barrier()
         self.task.prepare()
+        self._release_cached_inputs(announce=True)
+        self.phases.enter("steps")
         self.observer.on_start(self._start_info(resumed))
         if self.previewer and not resumed:
             self._preview()
@@ -342,10 +351,24 @@ class Trainer:
     def _describe_data(self) -> None:
         self.task.describe(self.say, log.warning)
 
+    def _release_cached_inputs(self, announce: bool = False) -> None:
+        """Model parts whose outputs are all cached leave memory (a task's optional
+        `release_cached_inputs`: the SD task's text encoders / VAE, read back for previews)."""
+        release = getattr(self.task, "release_cached_inputs", None)
+        parked = release() if release else []
+        if announce and parked:
+            self.say(f"Cached outputs cover the training: {', '.join(parked)} out of memory until a preview "
+                     "needs them (free_text_encoders_after_caching, offload_vae_after_caching)")
+
     def _preview(self) -> None:
         """Render previews. A failing preview (out of memory at the preview size, a LoRA file a
         prompt names was deleted, a WebUI error) costs its images, never the run: the previewers
         put the model and the RNG back whatever happens, and hours of training go on."""
+        with self.phases.during("previews"):
+            self._render_previews()
+        self._release_cached_inputs()
+
+    def _render_previews(self) -> None:
         step = self.position.global_step
         try:
             paths = self.previewer.render(self, step)
@@ -373,6 +396,8 @@ class Trainer:
                                              f"({self.control.stop_reason}); checkpoint saved. Start the "
                                              "same run again (same command, or Resume) to continue.")
         self.say(result.message)
+        self.phases.enter(None)
+        self.say(self.phases.describe())
         self.observer.on_end(result)
         return result
 

@@ -10,6 +10,7 @@ from ...lora.kohya_file import load_into_network, network_tensors, read_lora_fil
 from ...lora.targets import select_targets
 from ...training.lora_metadata import lora_metadata
 from ...training.objective import add_noise, min_snr_weights, per_sample_loss, target_for
+from ...training.memory import parkable_components
 from ...training.samples import SampleSource
 
 log = logging.getLogger("lora_trainer")
@@ -22,6 +23,8 @@ class SDTraining:
         self.output_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
         self.buckets = BucketPlan.for_index(index, BucketSpec.from_config(cfg), cfg.enable_bucket)
         self.samples = SampleSource(cfg, index, backbone, self.buckets)
+        if hasattr(backbone, "vae_tile_size"):   # (the WebUI's backbone encodes its own way)
+            backbone.vae_tile_size = cfg.vae_tile_size
 
     def batch_keys(self):
         return self.buckets.per_record
@@ -38,6 +41,12 @@ class SDTraining:
     def prepare(self) -> None:
         self.samples.precompute_latents()
         self.samples.precompute_conditioning()
+
+    def release_cached_inputs(self) -> list[str]:
+        """Text encoders / VAE out of memory once their outputs are cached (config levers; the
+        backbone reads them back when a preview needs them). Returns what left memory."""
+        names = parkable_components(self.cfg, self.samples, self.backbone)
+        return self.backbone.park(names) if names else []
 
     def loss(self, epoch, chunk, autocast):
         latents, captions, noise, timesteps, sizes = self.samples.batch(epoch, chunk)
