@@ -183,9 +183,21 @@ def test_doctor_dry_run_times_a_step_and_leaves_nothing_behind(make_config, tmp_
     out = capsys.readouterr().out
     assert re.search(r"step time +\d+\.\d{3} s per optimizer step \(first step \d+\.\d{3} s", out)
     assert re.search(r"estimate +12 steps x \d+\.\d{3} s = \d+:\d\d:\d\d", out)   # 6 steps x 2 epochs
-    assert re.search(r"peak memory +RSS peak \d+\.\d\d GiB", out)
+    assert re.search(r"peak memory +RSS peak \d+\.\d\d GiB \(in \w+\); load \d", out)   # the load counts
+    assert re.search(r"memory fit +predicted peak \d+\.\d GiB .*: fits", out)
+    assert re.search(r"estimate .* \+ 1 preview image\(s\)", out)   # the card's thumbnail at the end
     assert not Path(cfg.output_dir).exists() and not Path(cfg.run_dir).exists()
     assert list(temp_root.iterdir()) == []
+
+
+def test_doctor_says_a_run_does_not_fit_before_loading_it(make_config, monkeypatch, capsys,
+                                                           restore_lora_trainer_logger):
+    monkeypatch.setattr(system, "free_ram", lambda: 256 << 20)
+    monkeypatch.setattr(doctor, "dry_run", lambda *a, **k: pytest.fail("a run that does not fit was loaded"))
+    assert cli_main(["doctor", "--config", str(make_config("tight"))]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\[fail\] memory fit +predicted peak .* 0\.2 GiB RAM available: does not fit", out)
+    assert "base_dtype: bf16" in out
 
 
 def test_doctor_requirements_mirror_pyproject():

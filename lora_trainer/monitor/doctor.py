@@ -114,7 +114,8 @@ def torch_checks() -> list[Check]:
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     checks = [Check("torch", "ok", f"{torch.__version__} ({build}, {torch.get_num_threads()} CPU threads)")]
     if not torch.cuda.is_available():
-        checks.append(Check("device", "warn", "no CUDA GPU: training runs on the CPU (tiny models only)"))
+        checks.append(Check("device", "warn", "no CUDA GPU: training runs on the CPU, slowly (real-size SD1.5 "
+                            "at 512 px: tens of seconds per step; doctor --config times your run)"))
         return checks
     for index in range(torch.cuda.device_count()):
         device = torch.device("cuda", index)
@@ -140,8 +141,9 @@ def optional_module_checks() -> list[Check]:
 
 def resource_checks(folders: list[tuple[str, Path]]) -> list[Check]:
     ram = system.free_ram()
-    checks = [Check("RAM", "ok" if ram is None or ram > 4 * GIB else "warn",
-                    f"{ram / GIB:.1f} GiB available" if ram is not None else "unknown")]
+    # whether it is enough depends on the model: `doctor --config` predicts the run's peak
+    checks = [Check("RAM", "info", f"{ram / GIB:.1f} GiB available (doctor --config says whether a run fits)"
+                    if ram is not None else "unknown")]
     for label, folder in folders:
         free = system.free_disk(folder)
         status = "ok" if free is None or free > GIB else "warn"
@@ -212,6 +214,33 @@ def trial_config(cfg, folder: Path, steps: int):
                                        if hasattr(cfg, k) and applies_to(specs[k], cfg.task_type)})
 
 
+def memory_fit_check(cfg) -> Check:
+    """The run's predicted peak against what this machine has free, before anything is loaded."""
+    import torch
+
+    from ..backbones.loading import describe_model
+    from ..training.session import base_dtype, resolve_device
+    from .memory_estimate import predict_memory
+
+    device = resolve_device(cfg.device)
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base_dtype(cfg, device), "fp32")
+    family = describe_model(cfg.base_model, cfg.base_model_config).family
+    prediction = predict_memory(cfg, family, dtype, device.type)
+    if device.type == "cuda":
+        vram = system.free_vram(device)
+        available, where = (vram[0], "VRAM free") if vram else (None, "VRAM")
+    else:
+        available, where = system.free_ram(), "RAM available"
+    if available is None:
+        return Check("memory fit", "info", f"{prediction.describe()}; {where} unknown")
+    detail = f"{prediction.describe()}; {available / GIB:.1f} GiB {where}"
+    if prediction.peak_bytes > available:
+        return Check("memory fit", "fail", f"{detail}: does not fit. Levers: base_dtype: bf16 (with "
+                     "mixed_precision: bf16), gradient_checkpointing: true, a smaller resolution or batch_size")
+    status = "warn" if prediction.peak_bytes > 0.9 * available else "ok"
+    return Check("memory fit", status, detail + (": tight" if status == "warn" else ": fits"))
+
+
 def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
     import torch
 
@@ -222,25 +251,26 @@ def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     index = index_dataset(cfg)
+    phases = system.PhasePeaks(device)
+    phases.enter("load")   # the peak counts from here: the load is part of the run's peak
     started = time.perf_counter()
     backbone = task_for(cfg.task_type).load_backbone(cfg, device, base_dtype(cfg, device))
     load_seconds = time.perf_counter() - started
-    before = system.device_memory(device)
-    peak_was_reset = system.reset_peak_memory(device)
+    phases.enter("setup")
     times = _StepTimes()
     with tempfile.TemporaryDirectory(prefix="lora_trainer_doctor_") as folder:
-        run_training(trial_config(cfg, Path(folder), steps), backbone, observers=[times], index=index)
-    after = system.device_memory(device)
+        run_training(trial_config(cfg, Path(folder), steps), backbone, observers=[times], index=index,
+                     phases=phases)
     total = cfg.max_train_steps or times.steps_per_epoch * cfg.epochs   # as TrainingPlan counts
     return [Check("model load", "ok", f"{load_seconds:.1f} s ({cfg.base_model})"),
             Check("data prep", "ok", f"{times.prepare_seconds:.1f} s (LoRA setup"
                   + (f", latents of {index.num_images} images; cached latents make it shorter next time)"
                      if cfg.task_type == "sd" else ")")),
-            *_timing_checks(times.seconds, total),
-            _peak_memory_check(device, before, after, peak_was_reset)]
+            *_timing_checks(times.seconds, total, cfg if cfg.task_type == "sd" else None),
+            _peak_memory_check(device, phases)]
 
 
-def _timing_checks(seconds: list[float], total_steps: int) -> list[Check]:
+def _timing_checks(seconds: list[float], total_steps: int, cfg=None) -> list[Check]:
     if not seconds:
         return [Check("step time", "fail", "the dry run made no training step")]
     from .run_log import format_duration
@@ -248,24 +278,42 @@ def _timing_checks(seconds: list[float], total_steps: int) -> list[Check]:
     step = seconds[-1]
     checks = [Check("step time", "ok", f"{step:.3f} s per optimizer step"
                     + (f" (first step {seconds[0]:.3f} s, with warm-up)" if len(seconds) > 1 else ""))]
+    previews, images = preview_cost(cfg, total_steps, step) if cfg is not None else (0.0, 0)
+    extra = f" + {images} preview image(s) ~{format_duration(previews)}" if images else ""
     checks.append(Check("estimate", "info", f"{total_steps} steps x {step:.3f} s = "
-                        f"{format_duration(total_steps * step)} (without previews and checkpoints)"))
+                        f"{format_duration(total_steps * step)}{extra} = {format_duration(total_steps * step + previews)} "
+                        "(without checkpoints)"))
     return checks
 
 
-def _peak_memory_check(device, before: dict, after: dict, peak_was_reset: bool) -> Check:
-    if "peak" in after:   # CUDA: the allocator's own peak, model weights included
-        detail = f"{after['peak'] / GIB:.2f} GiB allocated at peak (model + training)"
-        vram = system.free_vram(device)
-        if vram:
-            detail += f" of {vram[1] / GIB:.1f} GiB"
-        return Check("peak memory", "ok", detail)
-    peak, start = after.get("rss_peak"), before.get("rss")
-    if peak is None or start is None:
+def preview_cost(cfg, total_steps: int, step_seconds: float) -> tuple[float, int]:
+    """(seconds, images) of the run's previews, the end-of-run card thumbnail included. A sampling
+    step is about two UNet forwards (guidance), a training step about three forward-equivalents
+    (forward + backward), so an image costs ~ preview_steps x 2/3 training steps at the training
+    size (scaled by the preview's pixels)."""
+    prompts = len(cfg.preview_prompts) + max(len(cfg.preview_weight_sweep) - 1, 0)
+    if prompts:
+        renders = 2 + (total_steps // cfg.preview_every_n_steps if cfg.preview_every_n_steps else 0)
+        images = renders * prompts
+    else:
+        images = 1 if cfg.write_card else 0   # the card's thumbnail, rendered at the end
+    width, height = cfg.preview_width or cfg.resolution, cfg.preview_height or cfg.resolution
+    pixels = width * height / (cfg.resolution ** 2 * cfg.batch_size)
+    guidance = 1.0 if cfg.preview_cfg_scale != 1 else 0.5
+    return images * cfg.preview_steps * (2 / 3) * guidance * pixels * step_seconds, images
+
+
+def _peak_memory_check(device, phases) -> Check:
+    peaks = phases.snapshot()
+    if not peaks:
         return Check("peak memory", "info", "unknown on this system")
-    how = "" if peak_was_reset else " (process peak; could not reset the counter)"
-    return Check("peak memory", "ok", f"RSS peak {peak / GIB:.2f} GiB, +{max(peak - start, 0) / GIB:.2f} GiB "
-                 f"over the loaded model{how}")
+    phase, peak = max(peaks.items(), key=lambda item: item[1])
+    kind = "RSS" if device.type == "cpu" else "allocated"
+    detail = f"{kind} peak {peak / GIB:.2f} GiB (in {phase}); " + ", ".join(
+        f"{name} {value / GIB:.2f}" for name, value in peaks.items())
+    if device.type == "cuda" and (vram := system.free_vram(device)):
+        detail += f" of {vram[1] / GIB:.1f} GiB"
+    return Check("peak memory", "ok", detail)
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -310,15 +358,31 @@ def cmd_doctor(args) -> int:
 
 def _dry_run_report(cfg, steps: int) -> list[Check]:
     checks = config_checks(cfg)
-    if not checks:
-        print(f"\nDry run: {steps} step(s) of {cfg.base_model} on {cfg.train_data_dir} ...", flush=True)
-        try:
-            checks = dry_run(cfg, steps)
-        except Exception as error:   # the temporary train.log is gone: --verbose shows the stack
-            log.debug("dry run failed", exc_info=True)
-            checks = [Check("dry run", "fail", f"{type(error).__name__}: {error} (--verbose shows where)")]
+    if checks:
+        print(render(checks))
+        return checks
+    fit = _memory_fit(cfg)
+    print(render([fit]), flush=True)
+    if fit.status == "fail":   # a dry run would only be killed by the OS half-way through the load
+        return [fit]
+    print(f"\nDry run: {steps} step(s) of {cfg.base_model} on {cfg.train_data_dir} ...", flush=True)
+    try:
+        checks = dry_run(cfg, steps)
+    except Exception as error:   # the temporary train.log is gone: --verbose shows the stack
+        log.debug("dry run failed", exc_info=True)
+        checks = [Check("dry run", "fail", f"{type(error).__name__}: {error} (--verbose shows where)")]
     print(render(checks))
-    return checks
+    return [fit, *checks]
+
+
+def _memory_fit(cfg) -> Check:
+    if cfg.task_type != "sd":
+        return Check("memory fit", "info", f"no prediction for task_type {cfg.task_type} (the dry run measures it)")
+    try:
+        return memory_fit_check(cfg)
+    except Exception as error:   # a model doctor cannot read is reported by the dry run itself
+        log.debug("memory prediction failed", exc_info=True)
+        return Check("memory fit", "info", f"no prediction ({type(error).__name__}: {error})")
 
 
 def register(sub) -> None:

@@ -5,11 +5,13 @@ odd driver must never stop a training run that only wanted to log a number.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -129,6 +131,64 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # musl or another libc: nothing to trim through this call
         pass
+
+
+class PhasePeaks:
+    """The memory high-water mark and the wall time of each phase of a run (load, setup, caching,
+    steps, previews): RSS on the CPU, the allocator's peak on CUDA. ``enter(name)`` closes the
+    current phase and restarts the peak counter (where that is impossible a phase's figure is the
+    process peak so far). A phase entered again (steps between previews) adds up its time."""
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.peaks: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+        self._since = 0.0
+
+    def enter(self, phase: str | None) -> None:
+        self._close()
+        self._current = phase
+        if phase is not None:
+            reset_peak_memory(self.device)
+            self._since = time.perf_counter()
+
+    def _peak_now(self) -> int | None:
+        memory = device_memory(self.device)
+        return memory.get("peak", memory.get("rss_peak"))
+
+    def _close(self) -> None:
+        if self._current is None:
+            return
+        name, peak = self._current, self._peak_now()
+        if peak is not None:
+            self.peaks[name] = max(peak, self.peaks.get(name, 0))
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._since
+        self._current = None
+
+    @contextlib.contextmanager
+    def during(self, phase: str):
+        """A phase inside another (previews between steps); the outer one goes on afterwards."""
+        outer = self._current
+        self.enter(phase)
+        try:
+            yield
+        finally:
+            self.enter(outer)
+
+    def snapshot(self) -> dict[str, int]:
+        """The closed phases' peaks plus the running one's so far, in bytes."""
+        peaks = dict(self.peaks)
+        if self._current is not None and (peak := self._peak_now()) is not None:
+            peaks[self._current] = max(peak, peaks.get(self._current, 0))
+        return peaks
+
+    def describe(self) -> str:
+        """One line for train.log, e.g. 'Memory per phase (peak RSS): load 4.02 GiB in 12.1 s, ...'."""
+        kind = "peak RSS" if self.device.type == "cpu" else "peak allocated"
+        parts = ", ".join(f"{name} {value / (1 << 30):.2f} GiB in {self.seconds.get(name, 0.0):.1f} s"
+                          for name, value in self.snapshot().items())
+        return f"Memory per phase ({kind}): {parts or 'unknown'}"
 
 
 def format_memory(memory: dict) -> str:
