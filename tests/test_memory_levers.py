@@ -85,3 +85,29 @@ def test_random_crop_parks_nothing(make_config):
     result = train_from_config(cfg)
     log_text = (result.run_dir / "logs" / "train.log").read_text()
     assert result.status == "finished" and "out of memory until a preview" not in log_text
+
+
+def test_the_webui_model_is_never_parked(make_config):
+    """Inside the WebUI the model is the WebUI's: caching drops nothing it needs afterwards."""
+    from types import SimpleNamespace
+
+    from lora_trainer.training.memory import parkable_components
+    from lora_trainer.webui.backbone import WebuiBackbone
+
+    cfg = load_config(make_config())
+    samples = SimpleNamespace(cache_latents=True, conditioning_all_cached=True)
+    assert not hasattr(WebuiBackbone, "park")
+    assert parkable_components(cfg, samples, object.__new__(WebuiBackbone)) == []
+
+
+def test_large_images_are_vae_encoded_in_tiles(tiny_sd1, monkeypatch):
+    backbone = load_backbone(str(tiny_sd1["single_file"]))
+    tiled = []
+    real = type(backbone.vae)._tiled_encode
+    monkeypatch.setattr(type(backbone.vae), "_tiled_encode", lambda vae, x: tiled.append(x.shape) or real(vae, x))
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    whole = backbone.encode_image(pixels, torch.Generator().manual_seed(0))
+    backbone.vae_tile_size = 32
+    tiles = backbone.encode_image(pixels, torch.Generator().manual_seed(0))
+    assert tiled == [(1, 3, 64, 64)] and tiles.shape == whole.shape == (1, 4, 8, 8)
+    assert not backbone.vae.use_tiling and backbone.vae.tile_sample_min_size == 64   # put back as it was

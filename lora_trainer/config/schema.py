@@ -90,9 +90,10 @@ class TrainConfig:
         "moved to the CPU; on the CPU: dropped and read back from base_model when a preview needs "
         "it). Cannot change the result. Headless only.", "Data", resume="free", tasks=SD, advanced=True)
     vae_tile_size: int = setting(
-        1024, "Images larger than this many pixels on a side are VAE-encoded in tiles (and batches "
-        "in slices), which bounds the encoder's memory at large resolutions; 0: never tile. Tiled "
-        "latents differ slightly from whole-image ones at tile seams.", "Data", min=0, max=16384,
+        2048, "Images with a side longer than this many pixels are VAE-encoded in tiles of this size, "
+        "which bounds the encoder's memory at very large sizes; 0: never tile. Tiled latents differ "
+        "slightly from whole-image ones at the seams, so the default only tiles beyond the largest "
+        "bucket of any family at its native resolution (SDXL: 2 x 1024).", "Data", min=0, max=16384,
         resume="fixed", tasks=SD, advanced=True)
     shuffle_caption: bool = setting(False, "Shuffle comma-separated caption tags each time an image is used.",
                                     "Data", tasks=SD, resume="fixed")
