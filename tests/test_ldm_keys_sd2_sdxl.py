@@ -495,7 +495,7 @@ def test_loader_reads_tiny_single_files(built, files, family, tmp_path):
     path, _ = files[family]
     parts = loading.load_single_file(path)
     expected_keys = {"unet", "vae", "text_encoder", "tokenizer", "scheduler_config", "family", "source", "source_hash",
-                     "detected"}
+                     "detected", "reload"}
     if family == "sdxl":
         expected_keys |= {"text_encoder_2", "tokenizer_2"}
     assert set(parts) == expected_keys

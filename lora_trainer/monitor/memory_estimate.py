@@ -18,9 +18,11 @@ from pathlib import Path
 
 GIB = 1 << 30
 RUNTIME_BYTES = int(0.7 * GIB)   # python + torch (CPU build) + diffusers/transformers, measured ~0.6-0.7 GiB
-# activation bytes of one 512 px sample (fp32 compute), with / without gradient checkpointing,
-# per family (calibrated with benchmarks/bench_realsize.py; see benchmarks/README.md)
-ACTIVATIONS_512 = {"sd1": (0.9 * GIB, 3.0 * GIB), "sd2": (0.9 * GIB, 3.0 * GIB), "sdxl": (1.6 * GIB, 6.0 * GIB)}
+# what a training step adds over the loaded weights for one 512 px sample in fp32 (activations kept
+# for the backward pass, autograd buffers), with / without gradient checkpointing. SD1 with
+# checkpointing is measured (benchmarks/bench_realsize.py: +1.6 GiB); the others are scaled guesses
+# (SDXL: a wider UNet; no checkpointing: ~2x, from the issue's +2.9 GiB dry run of SD1.5).
+ACTIVATIONS_512 = {"sd1": (1.6 * GIB, 3.0 * GIB), "sd2": (1.6 * GIB, 3.0 * GIB), "sdxl": (2.4 * GIB, 5.0 * GIB)}
 _PREFIXES = {"unet": ("model.diffusion_model.",), "vae": ("first_stage_model.",),
              "text_encoders": ("cond_stage_model.", "conditioner.")}
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}

@@ -143,6 +143,7 @@ class PhasePeaks:
         self.device = torch.device(device)
         self.peaks: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
+        self.at_start: dict[str, int] = {}   # memory in use when the phase was first entered
         self._current: str | None = None
         self._since = 0.0
 
@@ -150,6 +151,10 @@ class PhasePeaks:
         self._close()
         self._current = phase
         if phase is not None:
+            memory = device_memory(self.device)
+            in_use = memory.get("allocated", memory.get("rss"))
+            if in_use is not None:
+                self.at_start.setdefault(phase, in_use)
             reset_peak_memory(self.device)
             self._since = time.perf_counter()
 
@@ -184,10 +189,12 @@ class PhasePeaks:
         return peaks
 
     def describe(self) -> str:
-        """One line for train.log, e.g. 'Memory per phase (peak RSS): load 4.02 GiB in 12.1 s, ...'."""
+        """One line for train.log, e.g. 'Memory per phase (peak RSS): load 4.02 GiB (from 0.45) in
+        12.1 s, ...': each phase's peak, what was in use when it began, and its time."""
         kind = "peak RSS" if self.device.type == "cpu" else "peak allocated"
-        parts = ", ".join(f"{name} {value / (1 << 30):.2f} GiB in {self.seconds.get(name, 0.0):.1f} s"
-                          for name, value in self.snapshot().items())
+        gib = 1 << 30
+        parts = ", ".join(f"{name} {value / gib:.2f} GiB (from {self.at_start.get(name, 0) / gib:.2f}) in "
+                          f"{self.seconds.get(name, 0.0):.1f} s" for name, value in self.snapshot().items())
         return f"Memory per phase ({kind}): {parts or 'unknown'}"
 
 
