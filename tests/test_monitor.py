@@ -253,3 +253,14 @@ def test_doctor_inside_a_webui_checks_its_pins_and_needs_no_diffusers(inside_a_w
     assert re.search(r"\[  ok\] pin safetensors +WebUI pins", out)
     assert re.search(r"\[warn\] pin numpy +WebUI pins 0\.0\.1, installed", out)
     assert re.search(r"\[info\] diffusers +not installed .*not needed in the WebUI", out)
+
+
+def test_time_estimates_count_the_previews_still_to_come_and_the_card(make_config):
+    from lora_trainer.monitor.run_log import preview_cost
+
+    cfg = load_config(make_config(preview_prompts=["a", "b"], preview_every_n_steps=10, preview_steps=3))
+    # from the start: before step 1, at 10 and 20, and the end-of-run render (30): 4 x 2 prompts
+    assert preview_cost(cfg, 0, 30, 1.0) == (pytest.approx(8 * 3 * 2 / 3 / cfg.batch_size), 8)
+    assert preview_cost(cfg, 15, 30, 1.0)[1] == 4   # at 20 and at the end
+    card_only = load_config(make_config("card", write_card=True))
+    assert preview_cost(card_only, 29, 30, 2.0)[1] == 1   # the card's thumbnail, rendered at the end

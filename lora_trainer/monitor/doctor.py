@@ -278,29 +278,14 @@ def _timing_checks(seconds: list[float], total_steps: int, cfg=None) -> list[Che
     step = seconds[-1]
     checks = [Check("step time", "ok", f"{step:.3f} s per optimizer step"
                     + (f" (first step {seconds[0]:.3f} s, with warm-up)" if len(seconds) > 1 else ""))]
-    previews, images = preview_cost(cfg, total_steps, step) if cfg is not None else (0.0, 0)
+    from .run_log import preview_cost
+
+    previews, images = preview_cost(cfg, 0, total_steps, step) if cfg is not None else (0.0, 0)
     extra = f" + {images} preview image(s) ~{format_duration(previews)}" if images else ""
     checks.append(Check("estimate", "info", f"{total_steps} steps x {step:.3f} s = "
                         f"{format_duration(total_steps * step)}{extra} = {format_duration(total_steps * step + previews)} "
                         "(without checkpoints)"))
     return checks
-
-
-def preview_cost(cfg, total_steps: int, step_seconds: float) -> tuple[float, int]:
-    """(seconds, images) of the run's previews, the end-of-run card thumbnail included. A sampling
-    step is about two UNet forwards (guidance), a training step about three forward-equivalents
-    (forward + backward), so an image costs ~ preview_steps x 2/3 training steps at the training
-    size (scaled by the preview's pixels)."""
-    prompts = len(cfg.preview_prompts) + max(len(cfg.preview_weight_sweep) - 1, 0)
-    if prompts:
-        renders = 2 + (total_steps // cfg.preview_every_n_steps if cfg.preview_every_n_steps else 0)
-        images = renders * prompts
-    else:
-        images = 1 if cfg.write_card else 0   # the card's thumbnail, rendered at the end
-    width, height = cfg.preview_width or cfg.resolution, cfg.preview_height or cfg.resolution
-    pixels = width * height / (cfg.resolution ** 2 * cfg.batch_size)
-    guidance = 1.0 if cfg.preview_cfg_scale != 1 else 0.5
-    return images * cfg.preview_steps * (2 / 3) * guidance * pixels * step_seconds, images
 
 
 def _peak_memory_check(device, phases) -> Check:

@@ -55,10 +55,30 @@ def dataset_summary(index) -> str:
     return "\n".join(lines)
 
 
+def preview_cost(cfg, from_step: int, total_steps: int, step_seconds: float) -> tuple[float, int]:
+    """(seconds, images) of the previews still to come after ``from_step``, the end-of-run render
+    (the last previews, or the card's thumbnail when there are no prompts) included; ``from_step``
+    0 counts the previews before the first step too. A sampling step is about two UNet forwards
+    (guidance) and a training step about three (forward + backward), so an image costs about
+    preview_steps x 2/3 training steps at the training size, scaled by the preview's pixels."""
+    prompts = len(cfg.preview_prompts) + max(len(cfg.preview_weight_sweep) - 1, 0)
+    if prompts:
+        every = cfg.preview_every_n_steps
+        periodic = (total_steps - 1) // every - from_step // every if every else 0
+        images = (max(periodic, 0) + 1 + (from_step == 0)) * prompts
+    else:
+        images = 1 if cfg.write_card else 0
+    width, height = cfg.preview_width or cfg.resolution, cfg.preview_height or cfg.resolution
+    pixels = width * height / (cfg.resolution ** 2 * cfg.batch_size)
+    guidance = 1.0 if cfg.preview_cfg_scale != 1 else 0.5
+    return images * cfg.preview_steps * (2 / 3) * guidance * pixels * step_seconds, images
+
+
 class RunLog(TrainingObserver):
     """Progress, memory and events of one run, into train.log."""
 
-    def __init__(self, device, every_n_steps: int):
+    def __init__(self, device, every_n_steps: int, cfg=None):
+        self.cfg = cfg   # for the previews still to come in the ETA
         self.device = device
         self.every = max(1, int(every_n_steps))
         self.session_start = time.perf_counter()
@@ -97,6 +117,8 @@ class RunLog(TrainingObserver):
         elapsed = max(now - self._window_start, 1e-9)
         steps_per_s = self._window_steps / elapsed
         eta = (report.total_steps - report.step) / steps_per_s
+        if self.cfg is not None:   # the previews and the card's end-of-run render are part of the wait
+            eta += preview_cost(self.cfg, report.step, report.total_steps, 1 / steps_per_s)[0]
         mean_loss = sum(self._window_losses) / len(self._window_losses)
         grad = f" grad_norm {report.grad_norm:.4g}" if report.grad_norm is not None else ""
         util = system.gpu_utilisation(self.device)
@@ -131,7 +153,7 @@ def run_monitors(cfg, backbone, index):
     also when training fails, so event files are complete for a crashed run too."""
     from .tensorboard_log import open_tensorboard
 
-    run_log = RunLog(backbone.device, cfg.log_every_n_steps)
+    run_log = RunLog(backbone.device, cfg.log_every_n_steps, cfg)
     run_log.write_header(cfg, backbone, index)
     monitors = [run_log]
     board = open_tensorboard(cfg, backbone.device)
