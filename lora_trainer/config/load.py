@@ -183,7 +183,7 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
     problems += [] if problems else _adapter_problems(values) + _precision_problems(values)
     if problems:
         raise ConfigError(source, _file_order(problems, d))
-    if "resolution" not in d and values.get("base_model"):
+    if "resolution" not in d and values.get("base_model") and values["task_type"] == "sd":
         values["resolution"] = _family_resolution(values["base_model"], values.get("base_model_config"),
                                                   values["resolution"])
     if values["run_dir"] is None:
