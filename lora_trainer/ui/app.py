@@ -126,7 +126,11 @@ def cmd_ui(args) -> int:
         print(str(error), file=sys.stderr)
         return 2
     defaults = _initial_values(args.config)
-    running = launch(args.port, args.listen, defaults, base_dir=Path.cwd(), auth=auth)
+    try:
+        running = launch(args.port, args.listen, defaults, base_dir=Path.cwd(), auth=auth)
+    except OSError as error:      # e.g. the port is taken: say so, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         _wait_forever()
     except KeyboardInterrupt:

@@ -21,14 +21,19 @@ PORTS_TRIED = 100
 START_TIMEOUT_S = 60
 
 
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str, first: int = FIRST_PORT, count: int = PORTS_TRIED) -> int:
     """The first port from `first` nobody listens on at `host` (what gradio's launch does)."""
     for port in range(first, first + count):
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
+        if port_is_free(host, port):
             return port
     raise OSError(f"no free port in {first}-{first + count - 1}; pass --port")
 
@@ -80,6 +85,8 @@ def serve(blocks, host: str, port: Optional[int], *, listen: bool,
     """Start the server in a thread and wait until it answers; returns a RunningApp."""
     import uvicorn
 
+    if port and not port_is_free(host, port):
+        raise OSError(f"port {port} is in use on {host}; pick another with --port (or leave it out)")
     port = port or free_port(host)
     config = uvicorn.Config(build_asgi(blocks, port, listen=listen, auth=auth, css=css), host=host, port=port,
                             log_level="warning", lifespan="on")

@@ -234,6 +234,19 @@ def test_listen_needs_a_login(capsys, tmp_path):
     assert "me-without-password" not in str(info.value)
 
 
+def test_a_taken_port_is_an_error_not_a_traceback(capsys, tmp_path, monkeypatch):
+    from lora_trainer.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = build_parser().parse_args(["ui", "--port", str(taken.getsockname()[1])])
+        assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: port") and "in use" in err and "Traceback" not in err
+
+
 def test_listen_with_a_login_refuses_anonymous_requests(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     running = ui_app.launch(port=_free_port(), listen=True, base_dir=tmp_path, auth=[("me", "pw")])
