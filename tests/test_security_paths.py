@@ -115,7 +115,7 @@ def test_webui_output_subfolders_and_defaults_are_allowed(site):
     assert Path(cfg.output_dir) == site.lora / "styles" and Path(cfg.run_dir) == paths.runs_dir() / "mine"
 
 
-@pytest.mark.parametrize("name", ["../evil_up", "..\\evil_up", "/tmp/evil", "sub/evil", "C:\\evil"])
+@pytest.mark.parametrize("name", ["../evil_up", "..\\evil_up", "/abs/evil", "sub/evil", "C:\\evil"])
 def test_webui_output_name_is_a_name(site, name):
     refused({"train_data_dir": str(site.inside), "output_name": name}, webui_env(site), "output_name")
 
@@ -166,7 +166,7 @@ def test_webui_json_route_refuses_before_training(site, monkeypatch):
 
 
 def test_a_metadata_path_at_any_file_is_not_echoed(shapes_dataset, tmp_path):
-    """metadata_path pointing at a file that is not a metadata.csv (e.g. /etc/passwd): the error
+    """metadata_path pointing at a file that is not a metadata.csv (e.g. the system password file): the error
     names the file and the missing columns, never its first line."""
     from lora_trainer.data.discovery import DataError, discover
 

@@ -2,7 +2,7 @@
 
 Every request-reachable path (the standalone app's fields and presets, the WebUI tab and its JSON
 route) is checked with these helpers; the policies (which field may point where) live in
-`lora_trainer/ui/request_rules.py` and `lora_trainer/webui/guard.py`.
+`lora_trainer/config/request_rules.py` and `lora_trainer/webui/guard.py`.
 
 Containment compares *real* paths (symlinks resolved, `..` collapsed) of the path and of the
 folder, so `runs/x/../../etc`, an absolute path, and a symlink inside the folder that points out

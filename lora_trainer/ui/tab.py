@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..config import REQUIRED_KEYS
 from . import compat, fields, runs, views
-from .request_rules import RequestRules, names_only
+from ..config.request_rules import RequestRules, names_only
 from .tab_handlers import _TabHandlers
 from .tab_runs import _RunsList
 from .worker import TrainingWorker, default_worker

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..ui.request_rules import RequestRules, folders
+from ..config.request_rules import RequestRules, folders
 from .paths import extension_dir, lora_dir, output_dir, runs_dir
 
 INSECURE_FLAG = "--enable-insecure-extension-access"

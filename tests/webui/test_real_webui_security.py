@@ -100,15 +100,16 @@ def call_button(site, elem_id: str, first_value, **fields) -> str:
     return json.dumps(_post(site["url"] + "/run/predict", {"fn_index": index, "data": data, "session_hash": "s"}))
 
 
-@pytest.mark.parametrize("name", ["../../../webui-user", "/tmp/lora_trainer_preset", "..\\..\\webui-user",
+@pytest.mark.parametrize("name", ["../../../webui-user", "{outside}/preset", "..\\..\\webui-user",
                                   "webui-user.sh"])
 def test_save_preset_by_fn_index_stays_in_the_presets_folder(listening, name):
     site = listening
-    before = files_under(site["data"])
+    name = name.format(outside=site["outside"])
+    before, before_outside = files_under(site["data"]), files_under(site["outside"])
     answer = call_button(site, "lora_trainer_btn_save_preset", name, train_data_dir=str(site["dataset"]))
     assert "Preset name" in answer and "Saved preset" not in answer, answer
     assert files_under(site["data"]) == before
-    assert not Path("/tmp/lora_trainer_preset.yaml").exists()
+    assert files_under(site["outside"]) == before_outside
 
 
 def test_save_and_load_a_preset_by_name(listening):

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from ..config import ConfigError, resolve_path
-from ..config.load import field_specs
 from ..storage.containment import PathRefused, inside_any, name_problem, require_inside
+from .load import ConfigError, config_to_dict, field_specs, resolve_path
 
 WRITE_FIELDS = ("output_dir", "run_dir", "cache_dir")
 NAME_FIELDS = ("output_name",)
@@ -84,8 +83,6 @@ class RequestRules:
     def check_config(self, cfg, source: str, reads: bool = True) -> None:
         """The built config (defaults filled in, paths absolute). `reads=False` where the read
         paths came from the server, not the request (e.g. the WebUI's loaded checkpoint)."""
-        from ..config import config_to_dict
-
         self.check_values(config_to_dict(cfg), "/", source, reads)
 
 
