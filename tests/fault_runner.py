@@ -6,6 +6,7 @@
                     gradient accumulation, possibly in the middle of an optimizer step)
 --kill-in-save N    SIGKILL halfway through writing a file of the N-th checkpoint this process saves
 --sigint-at-step N  SIGINT (as Ctrl+C) after optimizer step N completes: must save and exit cleanly
+--signal NAME       send this signal instead of SIGINT (e.g. SIGHUP: a closed terminal)
 --only-rank R       under torchrun, only rank R injects the fault
 Not a test module: tests/test_resume.py drives it.
 """
@@ -53,11 +54,11 @@ def kill_in_save(n):
     checkpoints.write_file_synced = write
 
 
-def sigint_at_step(n):
+def sigint_at_step(n, signum=signal.SIGINT):
     class SendSigint(TrainingObserver):
         def on_step(self, report):
             if report.step == n:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
 
     from lora_trainer.monitor import console
     original_init = console.ConsoleProgress.__init__
@@ -81,6 +82,7 @@ def main():
     p.add_argument("--kill-at-micro", type=int)
     p.add_argument("--kill-in-save", type=int)
     p.add_argument("--sigint-at-step", type=int)
+    p.add_argument("--signal", default="SIGINT")
     p.add_argument("--only-rank", type=int, help="under torchrun: inject the fault on this rank only")
     a = p.parse_args()
     if a.only_rank is not None and int(os.environ.get("RANK", "0")) != a.only_rank:
@@ -90,7 +92,7 @@ def main():
     if a.kill_in_save:
         kill_in_save(a.kill_in_save)
     if a.sigint_at_step:
-        sigint_at_step(a.sigint_at_step)
+        sigint_at_step(a.sigint_at_step, signal.Signals[a.signal])
     return cli.main(["train", "--config", a.config, "--quiet"])
 
 

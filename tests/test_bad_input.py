@@ -101,3 +101,14 @@ def test_a_run_trains_the_asked_max_train_steps_beyond_its_epochs(make_config):
     assert (result.status, result.step) == ("finished", 8)
     log = (result.run_dir / "logs" / "train.log").read_text()
     assert "max_train_steps sets the length" in log
+
+
+def test_a_base_model_that_is_not_a_model_names_the_file_and_what_was_expected(tmp_path):
+    from lora_trainer.backbones.diffusers_sd import ModelLoadError, load_backbone
+
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(b"\xff" * 64)                                # "header too large"
+    with pytest.raises(ModelLoadError) as error:
+        load_backbone(str(fake))
+    message = str(error.value)
+    assert str(fake) in message and "is not a model" in message and "diffusers model folder" in message

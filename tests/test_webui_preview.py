@@ -111,8 +111,9 @@ def test_the_untrained_lora_is_left_out_of_the_first_preview(make_config, tmp_pa
         return render(p)
     env.processing.process_images = watching
     env.processing.seen.clear()
+    # another run folder: replacing the earlier run's LoRA must be asked for (overwrite_output)
     cfg = cfg_for(make_config, tmp_path, env, "again", write_card=True, seed=99, preview_every_n_steps=2,
-                  preview_prompts=PROMPTS, run_dir=str(tmp_path / "runs" / "again-2"))
+                  preview_prompts=PROMPTS, run_dir=str(tmp_path / "runs" / "again-2"), overwrite_output=True)
     assert job.train_on_loaded_model(cfg, env=env).status == "finished"
     assert untouched == [True, True, False, False]            # step 0 (2 prompts), then step 2
     prompts = [seen["prompt"] for seen in env.processing.seen]
@@ -120,6 +121,8 @@ def test_the_untrained_lora_is_left_out_of_the_first_preview(make_config, tmp_pa
     first = Path(cfg.run_dir) / "previews" / "000000"
     assert np.array_equal(pixels(first / "0.png"), pixels(first / "1.png"))
     assert lora.read_bytes() != old_lora and card.read_bytes() != old_card
+    kept = sorted((Path(cfg.run_dir) / "replaced").glob("again.bak-*.safetensors"))
+    assert [path.read_bytes() for path in kept] == [old_lora]
 
 
 def test_previewer_restores_everything_when_rendering_fails(make_config, tmp_path, env, standin, capsys):

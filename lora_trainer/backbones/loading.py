@@ -74,7 +74,12 @@ def describe_model(base_model: str, base_model_config: str | None = None) -> Mod
     if path.is_dir():
         return _describe_folder(path)
     _check_single_file(path)
-    shapes, metadata = read_key_shapes(path)
+    try:
+        shapes, metadata = read_key_shapes(path)
+    except Exception as e:  # safetensors raises its own error type (or OSError) for a non-model
+        raise _load_error(f"base_model: {path} is not a model: not a readable .safetensors file ({e}). "
+                          "Expected a Stable Diffusion checkpoint (SD1, SD2 or SDXL .safetensors) or a "
+                          "diffusers model folder") from e
     try:
         detected = detect_family_and_variant(shapes)
     except UnsupportedCheckpointError as e:

@@ -13,15 +13,20 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from .processes import pid_is_running
 
 if TYPE_CHECKING:
     import torch
 
 
 TEMP_SUFFIX = ".tmp"
+# temp_path_for's names: ".<target name>.<pid>-<8 hex>.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")
 
 # EDQUOT (quota exceeded) is "disk full" from the user's point of view; it does not exist on Windows.
 _DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
@@ -140,15 +145,24 @@ def atomic_save_safetensors(path: os.PathLike | str, tensors: Mapping[str, "torc
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
+def _temp_owner_pid(name: str) -> Optional[int]:
+    """The writer's pid if `name` is one of temp_path_for's names, else None."""
+    match = _TEMP_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 def remove_stale_temp_files(folder: os.PathLike | str) -> list[Path]:
-    """Delete leftover ".*.tmp" files of atomic writes in `folder` (from a killed process).
-    Call only when no other process writes into `folder`."""
+    """Delete the temp files of atomic writes in `folder` whose writer is gone (a killed run can
+    leave a whole LoRA's worth behind). Only temp_path_for's own names, and only when the pid in
+    the name is not a running process: another writer's live temp file and every other file stay."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
-            _remove_quietly(entry)
-            removed.append(entry)
+        pid = _temp_owner_pid(entry.name)
+        if pid is None or pid_is_running(pid) or not entry.is_file():   # ours included: live
+            continue
+        _remove_quietly(entry)
+        removed.append(entry)
     return removed

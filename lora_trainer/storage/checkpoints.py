@@ -27,6 +27,7 @@ import torch
 
 from .atomic import (DiskFullError, fsync_dir, is_disk_full, json_bytes, safetensors_bytes,
                      write_file_synced)
+from .processes import pid_is_running
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -82,19 +83,8 @@ def _read_json(path: Path):
 
 
 def _pid_is_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers: we are not saving while cleaning up
-    if os.name == "nt":
-        return False  # os.kill(pid, 0) would TERMINATE the process on Windows
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
+    # our own leftovers are stale: we are not saving while cleaning up
+    return pid != os.getpid() and pid_is_running(pid)
 
 
 def _remove_tree(path: Path) -> None:

@@ -23,7 +23,8 @@ class TrainingControl:
 
 
 def install_signal_handlers(control: TrainingControl):
-    """First SIGINT/SIGTERM: finish the current step, checkpoint, exit. A second SIGINT aborts."""
+    """First SIGINT/SIGTERM/SIGHUP (a closed terminal or ssh session): finish the current step,
+    checkpoint, exit. A second SIGINT aborts."""
     previous = {}
 
     def on_signal(signum, frame):
@@ -31,7 +32,8 @@ def install_signal_handlers(control: TrainingControl):
             raise KeyboardInterrupt
         control.request_stop(f"received {signal.Signals(signum).name}")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP does not exist on Windows
+    for sig in (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
         previous[sig] = signal.signal(sig, on_signal)
 
     def restore():

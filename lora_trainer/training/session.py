@@ -15,9 +15,11 @@ from ..config.load import cfg_warnings, write_effective_config
 from ..monitor.logfile import attach_run_log
 from ..monitor.run_log import run_monitors
 from ..monitor.system import PhasePeaks
+from ..storage.run_lock import hold_run_folder
 from ..tasks import task_for
 from .control import TrainingControl
 from .distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
+from .outputs import carry_run_ids, ensure_run_id, preflight
 from .trainer import Trainer, TrainResult
 
 log = logging.getLogger("lora_trainer")
@@ -49,25 +51,43 @@ def index_dataset(cfg):
 
 
 def set_aside_old_run(run_dir: Path) -> Path | None:
-    """`resume: false` on a folder that holds a run: keep the old run under a new name."""
+    """`resume: false` on a folder that holds a run: keep the old run under a new name (the new
+    run may replace the LoRA the old one wrote: see outputs.carry_run_ids)."""
     if not (run_dir / "checkpoints").is_dir():
         return None
     target = run_dir.with_name(f"{run_dir.name}-old-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.move(str(run_dir), str(target))
+    carry_run_ids(target, run_dir)
     return target
+
+
+def _holding_run_folder(cfg, dist: DistContext):
+    """Rank 0 holds the run folder's lock (storage/run_lock.py); the other ranks are its helpers."""
+    return hold_run_folder(cfg.run_dir) if dist.is_main else contextlib.nullcontext()
 
 
 def run_training(cfg, backbone, control=None, observers=(), previewer=None, force_resume=False,
                  index=None, dist: DistContext = SINGLE, data_findings=None, phases=None) -> TrainResult:
     """`data_findings`: the data check's findings when the caller already ran it (then they are
     only logged here, not computed again)."""
+    with _holding_run_folder(cfg, dist):
+        return _run_training_locked(cfg, backbone, control, observers, previewer, force_resume, index,
+                                    dist, data_findings, phases)
+
+
+def _run_training_locked(cfg, backbone, control, observers, previewer, force_resume, index, dist,
+                         data_findings, phases) -> TrainResult:
     run_dir = Path(cfg.run_dir)
     task = task_for(cfg.task_type)
+    if dist.is_main:
+        preflight(cfg)
     if not cfg.resume and dist.is_main:
         moved = set_aside_old_run(run_dir)
         if moved:
             log.info("resume is off: the previous run was moved to %s", moved)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        ensure_run_id(run_dir)
     dist.barrier()
     # only rank 0 writes train.log, the effective config, cards and monitors
     with attach_run_log(run_dir) if dist.is_main else contextlib.nullcontext():
@@ -106,16 +126,19 @@ def train_from_config(cfg, control=None, observers=(), force_resume=False) -> Tr
     dist = init_from_environment(device.type)
     device = device_for(dist, device)
     task = task_for(cfg.task_type)
-    index = task.index_dataset(cfg)  # data errors before the (slow) model load
-    # errors stop the run here, before the model load; run_training logs the warnings into train.log
-    findings = task.check_data(index, cfg) if cfg.check_data else None
-    phases = PhasePeaks(device)
-    phases.enter("load")
-    backbone = task.load_backbone(cfg, device, base_dtype(cfg, device))
-    phases.enter("setup")   # LoRA, optimizer, resume check: until the caches are filled
     try:
-        return run_training(cfg, backbone, control, observers if dist.is_main else (), None,
-                            force_resume, index=index, dist=dist, data_findings=findings, phases=phases)
+        with _holding_run_folder(cfg, dist):
+            if dist.is_main:   # unwritable folders, someone else's LoRA: before the model load
+                preflight(cfg)
+            index = task.index_dataset(cfg)  # data errors before the (slow) model load
+            # errors stop the run here, before the model load; run_training logs the warnings into train.log
+            findings = task.check_data(index, cfg) if cfg.check_data else None
+            phases = PhasePeaks(device)
+            phases.enter("load")
+            backbone = task.load_backbone(cfg, device, base_dtype(cfg, device))
+            phases.enter("setup")   # LoRA, optimizer, resume check: until the caches are filled
+            return run_training(cfg, backbone, control, observers if dist.is_main else (), None, force_resume,
+                                index=index, dist=dist, data_findings=findings, phases=phases)
     finally:
         shutdown(dist)
 

@@ -20,6 +20,7 @@ from . import resume as resume_mod
 from .distributed import SINGLE, DistContext
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
 from ..monitor.system import PhasePeaks
+from .outputs import LoraWriteFailed, ensure_run_id, lora_file_step, set_aside_foreign_file
 from .oom import OutOfMemoryStop, is_out_of_memory, next_oom_action, oom_advice, release_failed_step
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan, count_batches, iterate_steps
@@ -65,6 +66,8 @@ class Trainer:
         self.lora_path = task.output_path
         self.store = CheckpointStore(self.run_dir)
         self.batch_keys = task.batch_keys()
+        # written into every LoRA: tells this run's own files from anyone else's (outputs.py)
+        self.run_id = ensure_run_id(self.run_dir) if dist.is_main else ""
         # a step takes `accumulation` batches per rank, from all ranks together
         self.plan = TrainingPlan(index.num_samples, cfg.batch_size,
                                  cfg.gradient_accumulation_steps * dist.world_size,
@@ -136,6 +139,10 @@ class Trainer:
             log.warning(w)
             self.observer.on_message(w)
         if info is None:
+            if warnings:  # there were checkpoints, none usable: say so rather than start over silently
+                self.say(f"Every checkpoint in {self.store.checkpoints_dir} is damaged (see the warnings "
+                         f"above); starting over from step 0. The existing LoRA {self.lora_path} stays "
+                         "as it is until this run's first save.")
             return False
         tensors, state = self.store.load(info)
         for note in resume_mod.check_compatible(state, self, self.force_resume):
@@ -146,7 +153,25 @@ class Trainer:
         self.last_checkpoint = info.path
         self.say(f"Resuming from step {self.position.global_step} of {self.plan.total_steps} "
                  f"({info.path.name})")
+        self._reexport_lora_if_behind()
         return True
+
+    def _reexport_lora_if_behind(self) -> None:
+        """The LoRA file is written after its checkpoint: a crash (or a full or read-only output
+        folder) between the two, or a deleted file, leaves it missing or older than the
+        checkpoint. Write it again from the restored weights."""
+        if not self.dist.is_main:
+            return
+        if self.lora_path.is_dir():   # a folder output (PEFT) carries no step: only a missing one
+            return
+        step = lora_file_step(self.lora_path, self.run_id)
+        if step is not None and step >= self.position.global_step:
+            return
+        why = "is missing" if not self.lora_path.exists() else \
+            f"holds step {step}" if step is not None else "was not written by this run"
+        self.save_lora()
+        self.say(f"The LoRA file {why}; re-exported it from the checkpoint of step "
+                 f"{self.position.global_step}: {self.lora_path}")
 
     def _keep_step_composition(self, state: dict) -> None:
         """Resuming on another number of processes: keep the batches per optimizer step (and so the
@@ -188,26 +213,37 @@ class Trainer:
         path = path or self.lora_path
         if not self.dist.is_main:
             return path
+        set_aside_foreign_file(path, self.run_dir, self.run_id)
         self.task.export(self, path)
         self.observer.on_lora_saved(path)
         return path
 
     def save_checkpoint(self) -> Path:
-        """LoRA file first, then the checkpoint: a crash between the two leaves a LoRA that is at
-        most one checkpoint ahead, never a checkpoint whose LoRA file is missing."""
+        """The checkpoint first, then the LoRA file: a LoRA write that fails (a read-only or full
+        output folder) or a crash between the two loses no training — the resume re-exports a
+        LoRA that is missing or older than its checkpoint (_reexport_lora_if_behind)."""
         step = self.position.global_step
         path = self.store.checkpoints_dir / f"checkpoint-{step:08d}"
         if self.dist.is_main:
-            self.save_lora()
-            if self.cfg.save_snapshots and step < self.plan.total_steps:
-                self.save_lora(self.task.snapshot_path(step))
             tensor_files, state = resume_mod.capture(self)
             path = self.store.save(step, tensor_files, state)
             self.store.prune(self.cfg.keep_last_n_checkpoints)
+            self._export_lora_after_checkpoint(step, path)
             self.observer.on_checkpoint(step, path)
         self.last_checkpoint = path
         self.dist.barrier()  # nobody runs ahead of (or exits before) a save
         return path
+
+    def _export_lora_after_checkpoint(self, step: int, checkpoint: Path) -> None:
+        try:
+            self.save_lora()
+            if self.cfg.save_snapshots and step < self.plan.total_steps:
+                self.save_lora(self.task.snapshot_path(step))
+        except OSError as error:
+            raise LoraWriteFailed(f"could not write the LoRA file in {self.lora_path.parent} "
+                                  f"({error.strerror or error}). The training is safe in {checkpoint}: "
+                                  "fix the folder (permissions, free space) and start the run again; "
+                                  "it resumes there and writes the LoRA.") from error
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -11,6 +11,7 @@ from ...lora.targets import select_targets
 from ...training.lora_metadata import lora_metadata
 from ...training.objective import add_noise, min_snr_weights, per_sample_loss, target_for
 from ...training.memory import parkable_components
+from ...training.outputs import RUN_ID_KEY
 from ...training.samples import SampleSource
 
 log = logging.getLogger("lora_trainer")
@@ -65,7 +66,8 @@ class SDTraining:
         return losses.mean()
 
     def export(self, trainer, path: Path) -> None:
-        metadata = lora_metadata(trainer, output_name=path.stem)
+        # the run id tells this run's own files from anyone else's (training/outputs.py)
+        metadata = {**lora_metadata(trainer, output_name=path.stem), RUN_ID_KEY: trainer.run_id}
         save_lora_file(path, network_tensors(trainer.network, self.cfg.save_precision), metadata)
 
     def snapshot_path(self, step: int) -> Path:
