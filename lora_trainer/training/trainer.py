@@ -251,8 +251,8 @@ class Trainer:
         total = self.plan.total_steps
         if resumed and self.position.global_step >= total:
             msg = (f"This run already finished at step {self.position.global_step}; the LoRA is "
-                   f"{self.lora_path}. To train it further, raise max_train_steps (or epochs) and "
-                   "force the resume (--force-resume; in the tab 'Continue the run with changed "
+                   f"{self.lora_path}. To train it further, raise max_train_steps (epochs when it "
+                   "is not set) and force the resume (--force-resume; in the tab 'Continue the run with changed "
                    "settings'); to train again from scratch, turn resume off (--no-resume).")
             self.say(msg)
             return self._result("already_finished", msg)
