@@ -69,7 +69,8 @@ class DiffusersBackbone:
         self.conditioning_uses_sizes = family.name == "sdxl"
         for m in (unet, *self.text_encoders):
             m.to(self.device)
-            if dtype != torch.float32:  # (passing an unchanged dtype makes diffusers warn)
+            # the loader already gave them this dtype; casting anyway makes diffusers warn
+            if any(p.dtype != dtype for p in m.parameters() if p.is_floating_point()):
                 m.to(dtype=dtype)
         # the VAE stays fp32: it is only used for encoding (once) and fp16 VAEs overflow (SDXL's)
         vae.to(self.device)

@@ -84,7 +84,7 @@ def predict_memory(cfg, family: str, dtype_name: str, device_type: str = "cpu") 
     with_ckpt, without = ACTIVATIONS_512.get(family, ACTIVATIONS_512["sd1"])
     per_sample = with_ckpt if cfg.gradient_checkpointing else without
     if dtype_name != "fp32" or cfg.mixed_precision != "no":
-        per_sample //= 2   # 16-bit activations under autocast
+        per_sample = int(per_sample * 0.8)   # measured (SD1.5, bf16 autocast on CPU): +1.34 vs +1.69 GiB
     activations = int(per_sample * cfg.batch_size * (cfg.resolution / 512) ** 2)
     caches = _cache_bytes(cfg, family)
     caches_cover_text = not cfg.train_text_encoder and not cfg.shuffle_caption and not cfg.random_crop
