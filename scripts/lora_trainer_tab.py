@@ -1,4 +1,4 @@
-"""The WebUI's entry point into the lora_trainer extension (AUTOMATIC1111 v1.10).
+"""The WebUI's entry point into the lora_trainer extension (AUTOMATIC1111 v1.10 and Forge: docs/forge.md).
 
 The WebUI imports every `scripts/*.py` of an installed extension (extensions/<any folder name>/)
 with that folder briefly at the front of `sys.path`. This file registers exactly two callbacks and
