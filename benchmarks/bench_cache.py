@@ -27,7 +27,7 @@ import json, sys, time
 t0 = float(sys.argv[2])
 from lora_trainer.config import load_config
 from lora_trainer.training.control import TrainingObserver
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 class Clock(TrainingObserver):
     def __init__(self):

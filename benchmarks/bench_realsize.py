@@ -119,7 +119,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     from lora_trainer.config import load_config
     from lora_trainer.training.control import TrainingObserver
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     class Steps(TrainingObserver):
         def __init__(self):

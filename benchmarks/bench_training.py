@@ -237,7 +237,7 @@ def worker_ours(workdir: Path, steps: int, save_steps: int, tag: str, lockstep: 
     observers (they are called before ours)."""
     from lora_trainer.config.load import config_from_dict
     from lora_trainer.training.control import TrainingObserver
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     tracker = PeakTracker()
     clock = StepClock(lockstep)

@@ -45,7 +45,7 @@ def _add_checkpoints(sub) -> None:
 # Subcommands that live with their feature: each module has `register(subparsers)` which adds its
 # parser and sets `func`. Imported lazily per module so `lora-trainer train` never loads the UI.
 FEATURE_COMMANDS = [
-    "lora_trainer.monitor.doctor",
+    "lora_trainer.app.doctor",
     "lora_trainer.datatools.commands",
     "lora_trainer.ui.app",
 ]
@@ -76,7 +76,7 @@ def _setup_console_logging(verbose: bool) -> None:
 def run_with_signals(cfg, quiet: bool, force_resume: bool = False):
     from .monitor.console import ConsoleProgress
     from .training.control import TrainingControl, install_signal_handlers
-    from .training.session import train_from_config
+    from .app.session import train_from_config
 
     control = TrainingControl()
     restore = install_signal_handlers(control)

@@ -13,7 +13,7 @@ import torch
 from lora_trainer.config import load_config
 from lora_trainer.lora.kohya_file import file_layers, network_from_tensors, read_lora_file
 from lora_trainer.training.control import TrainingControl, TrainingObserver
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 from lora_trainer.webui import job
 from lora_trainer.webui.backbone import WebuiBackbone
 

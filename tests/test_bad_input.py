@@ -94,7 +94,7 @@ def test_max_train_steps_sets_the_length_whichever_way_it_differs_from_epochs(ep
 
 
 def test_a_run_trains_the_asked_max_train_steps_beyond_its_epochs(make_config):
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     # 6 images x 2 repeats, batch 2: 6 steps per epoch; 1 epoch would stop at 6
     result = train_from_config(load_config(make_config(epochs=1, max_train_steps=8, write_card=False)))

@@ -14,7 +14,7 @@ from lora_trainer.data.buckets import BucketPlan, BucketSpec, assign_bucket, mak
 from lora_trainer.data.discovery import discover
 from lora_trainer.lora.kohya_file import read_lora_file
 from lora_trainer.training.plan import epoch_batches
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 
 def test_buckets_fit_the_area_and_the_step():

@@ -24,7 +24,7 @@ from lora_trainer.tasks.causal_lm.encode import Encoder
 from lora_trainer.tasks.causal_lm.model import ModelFolderError, load_causal_lm, load_tokenizer, safetensors_files
 from lora_trainer.tasks.causal_lm.records import LMDataError, RawSample, read_samples
 from lora_trainer.training.resume import ResumeRefused
-from lora_trainer.training.session import run_training, train_from_config
+from lora_trainer.app.session import run_training, train_from_config
 from support import write_config
 
 FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")

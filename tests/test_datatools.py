@@ -189,7 +189,7 @@ class ReachedModelLoad(Exception):
 
 def test_training_refuses_on_errors_and_check_data_false_skips(tiny_image_config, monkeypatch):
     from lora_trainer.backbones import diffusers_sd
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     def fake_load_backbone(*args, **kwargs):
         raise ReachedModelLoad()
@@ -210,7 +210,7 @@ def test_check_data_reads_a_training_config(tiny_image_config, tmp_path):
 
 
 def test_run_training_checks_an_index_it_is_given(tiny_image_config):
-    from lora_trainer.training.session import index_dataset, run_training
+    from lora_trainer.app.session import index_dataset, run_training
 
     cfg = load_config(tiny_image_config)
     with pytest.raises(DataError, match="tiny.png"):

@@ -17,7 +17,7 @@ import torch
 from lora_trainer.config import load_config
 from lora_trainer.lora.kohya_file import read_lora_file
 from lora_trainer.storage.checkpoints import CheckpointStore
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
 RUN = dict(epochs=2, save_steps=2, learning_rate=5e-3, num_threads=1, keep_last_n_checkpoints=10)

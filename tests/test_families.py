@@ -12,7 +12,7 @@ from lora_trainer.backbones import tiny
 from lora_trainer.backbones.diffusers_sd import load_backbone
 from lora_trainer.config import load_config
 from lora_trainer.lora.kohya_file import network_from_tensors, read_lora_file
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 
 @pytest.fixture(scope="module")

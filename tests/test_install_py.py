@@ -121,7 +121,7 @@ def test_the_webui_side_of_the_package_imports_without_diffusers(tmp_path):
     blocker.write_text("import sys\nsys.modules['diffusers'] = None\nsys.modules['peft'] = None\n")
     code = ("import lora_trainer.webui.job, lora_trainer.webui.backbone, lora_trainer.webui.lora_state, "
             "lora_trainer.webui.progress, lora_trainer.webui.paths, lora_trainer.webui.names, "
-            "lora_trainer.training.session, lora_trainer.backbones.diffusers_sd as d; "
+            "lora_trainer.app.session, lora_trainer.backbones.diffusers_sd as d; "
             "import sys; assert sys.modules.get('diffusers') is None; print('ok')")
     env = {"PYTHONPATH": f"{tmp_path}:{INSTALL_PY.parent}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

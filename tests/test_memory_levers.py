@@ -7,7 +7,7 @@ import torch
 
 from lora_trainer.backbones.diffusers_sd import load_backbone
 from lora_trainer.config import ConfigError, load_config
-from lora_trainer.training.session import base_dtype, train_from_config
+from lora_trainer.app.session import base_dtype, train_from_config
 
 
 def _lora(result) -> dict:

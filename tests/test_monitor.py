@@ -15,9 +15,10 @@ from PIL import Image
 from lora_trainer.backbones.diffusers_sd import DiffusersBackbone, load_backbone
 from lora_trainer.cli import main as cli_main
 from lora_trainer.config import load_config
-from lora_trainer.monitor import doctor, system
+from lora_trainer.app import doctor
+from lora_trainer.monitor import system
 from lora_trainer.training.control import TrainingObserver
-from lora_trainer.training.session import run_training, train_from_config
+from lora_trainer.app.session import run_training, train_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from lora_trainer.lora.kohya_file import read_lora_file
 from lora_trainer.training import oom
 from lora_trainer.training.control import TrainingObserver
 from lora_trainer.training.samples import SampleSource
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 REAL_PREDICT = DiffusersBackbone.predict
 

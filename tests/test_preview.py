@@ -327,7 +327,7 @@ def test_a_card_that_is_not_json_is_left_alone(tmp_path):
 # ---- training with previews ---------------------------------------------------------------------
 
 def test_previews_during_training_change_nothing_that_is_trained(make_config):
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     common = dict(epochs=1, learning_rate=3e-2, train_text_encoder=True, num_threads=1, save_steps=3,
                   output_name="shapes")
@@ -382,7 +382,7 @@ class OracleBackbone:
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_samplers_land_on_the_oracle_x0(sampler, prediction_type):
     from lora_trainer.preview.sampler import SampleSettings, sample_latents
-    from lora_trainer.training.objective import alphas_cumprod_from_schedule
+    from lora_trainer.diffusion.objective import alphas_cumprod_from_schedule
 
     x0 = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(0))
     oracle = OracleBackbone(prediction_type, x0, alphas_cumprod_from_schedule(0.00085, 0.012, 1000))
@@ -397,7 +397,7 @@ def test_samplers_land_on_the_oracle_x0(sampler, prediction_type):
 def test_a_run_without_preview_prompts_renders_one_card_thumbnail_at_the_end(make_config, tmp_path):
     """write_card on, no preview prompts: one render when the run finishes, of the trained LoRA at
     the card's weight with the trigger word; none before the first step or every N steps."""
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     cfg = load_config(make_config("thumb", trigger_word="lt_demo", max_train_steps=3, epochs=1,
                                   preview_every_n_steps=1, preview_steps=2, learning_rate=5e-2))

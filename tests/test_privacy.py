@@ -14,7 +14,7 @@ from lora_trainer.config import load_config
 from lora_trainer.config.public import path_name, shareable_config
 from lora_trainer.lora.kohya_file import read_lora_file
 from lora_trainer.tools.demo import write_dataset
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 FAKE_USER = "jdoe_secret_user"
 # a POSIX absolute path (not the "//" of a URL) or a Windows drive path

@@ -23,7 +23,7 @@ from lora_trainer.storage.atomic import DiskFullError
 from lora_trainer.storage.checkpoints import CheckpointStore
 from lora_trainer.training.control import TrainingControl, TrainingObserver
 from lora_trainer.training.resume import ResumeRefused
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 RUN = dict(gradient_accumulation_steps=2, epochs=3, save_steps=2, learning_rate=5e-3,
            lr_scheduler="cosine", lr_warmup_steps=2, keep_last_n_checkpoints=10)

@@ -21,8 +21,8 @@ from lora_trainer.lora.kohya_names import webui_candidate_names
 from lora_trainer.lora.network import LoRANetwork
 from lora_trainer.lora import host
 from lora_trainer.training.control import TrainingControl, TrainingObserver
-from lora_trainer.training.objective import alphas_cumprod_from_schedule
-from lora_trainer.training.session import train_from_config
+from lora_trainer.diffusion.objective import alphas_cumprod_from_schedule
+from lora_trainer.app.session import train_from_config
 from lora_trainer.webui import job, lora_state, names, paths
 from lora_trainer.webui.backbone import WebuiBackbone
 from lora_trainer.webui.env import WebuiEnv, lora_extension_module

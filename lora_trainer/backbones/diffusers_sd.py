@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from ..lora.targets import PROJECTION, RESNET, SAMPLER, TEXT, LoraTarget, transformer_block_role
-from ..training.objective import alphas_cumprod_from_schedule
-from .families import Family
+from ..contracts.backbone import DiffusionBackbone
+from ..diffusion.objective import alphas_cumprod_from_schedule
+from ..diffusion.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def fingerprint_file(path: Path) -> str:
 
 # ---- the backbone ------------------------------------------------------------------------------------
 
-class DiffusersBackbone:
+class DiffusersBackbone(DiffusionBackbone):
     """SD1 / SD2 / SDXL over diffusers modules. SDXL differs by data: a second text encoder whose
     penultimate hidden states are concatenated, a pooled embedding, and per-sample size ids."""
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .families import FAMILIES, SD2_V
+from ..diffusion.families import FAMILIES, SD2_V
 from .safetensors_header import read_key_shapes  # noqa: F401  (public here since before)
 from .ldm_keys import (CheckpointKeyError, UnsupportedCheckpointError, detect_family_and_variant, layout_for,
                        ldm_to_components)

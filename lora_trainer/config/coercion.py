@@ -55,7 +55,8 @@ def _specs_tuple() -> tuple[FieldSpec, ...]:
     specs = []
     for f in dataclasses.fields(TrainConfig):
         kind, optional = _kind_and_optional(hints[f.name])
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
         specs.append(FieldSpec(f.name, kind, optional, default, f.metadata))
     return tuple(specs)
 
@@ -235,7 +236,7 @@ def coerce_value(name: str, raw):
         raw = _yaml_bool_as_choice(spec, raw)
     value = _CONVERTERS[spec.kind](raw)
     if spec.kind == "str":
-        value = _check_choice(spec, LEGACY_VALUES.get(name, {}).get(value, value))
+        value = _check_choice(spec, LEGACY_VALUES.get(name, {}).get(str(value), str(value)))
     if spec.kind in ("int", "float"):
         value = _check_range(spec, value)
     return value

@@ -359,7 +359,7 @@ def dump_config(cfg: TrainConfig) -> str:
 
 def write_effective_config(cfg: TrainConfig, run_dir=None) -> Path:
     """Write `<run_dir>/config.yaml` (the config a run really used); returns its path."""
-    folder = Path(run_dir if run_dir is not None else cfg.run_dir)
+    folder = Path(run_dir) if run_dir is not None else cfg.run_path
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / EFFECTIVE_CONFIG_NAME
     atomic_write_text(target, dump_config(cfg))

@@ -19,7 +19,9 @@ Each field carries metadata (see `setting`) instead of living in four places:
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Optional
 
 TASK_TYPES = ("sd", "causal_lm")
@@ -304,10 +306,17 @@ class TrainConfig:
                                          "in checkpoints so a CPU resume is bit-identical.", "Advanced",
                                          min=1, max=1024, resume="free", advanced=True)
 
+    @property
+    def run_path(self) -> Path:
+        """`run_dir` as a path: load_config fills it in (runs/<output_name>) when the YAML leaves it out."""
+        if self.run_dir is None:
+            raise ValueError("run_dir is not set: load the config with load_config, which fills it in")
+        return Path(self.run_dir)
+
 
 def fields_of(cls=TrainConfig):
     return [f for f in dataclasses.fields(cls)]
 
 
-def field_meta(name: str) -> dict:
+def field_meta(name: str) -> Mapping[str, Any]:
     return next(f.metadata for f in dataclasses.fields(TrainConfig) if f.name == name)

@@ -221,7 +221,8 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     # Phones store portrait photos as landscape pixels plus an EXIF "rotate me" flag; training on
     # the raw pixels would teach the model sideways people.
     try:
-        return ImageOps.exif_transpose(img)
+        transposed = ImageOps.exif_transpose(img)   # (None only when asked to work in place)
+        return transposed if transposed is not None else img
     except Exception:  # malformed EXIF: keep the pixels as stored rather than reject the image
         return img.copy()
 
@@ -278,6 +279,7 @@ def _crop_offsets(size: Tuple[int, int], width: int, height: int, crop: str,
     excess_x, excess_y = size[0] - width, size[1] - height
     if crop == "center":
         return excess_y // 2, excess_x // 2
+    assert rng is not None, "crop='random' needs an rng"   # (checked by the caller)
     # Always draw both numbers so the RNG consumption does not depend on the image's aspect ratio.
     top = rng.randint(0, excess_y)
     left = rng.randint(0, excess_x)

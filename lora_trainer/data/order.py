@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import List, Sequence, Union
+from typing import List, Sequence, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # Mixed into the seeds so the data order is not correlated with other streams seeded from the same
 # user seed (noise, timesteps, dropout in the model).
@@ -63,7 +65,7 @@ def sample_rng(seed: int, epoch: int, position: int) -> random.Random:
     return random.Random(sample_seed(seed, epoch, position))
 
 
-def batches(samples: Sequence[int], batch_size: int) -> List[List[int]]:
+def batches(samples: Sequence[T], batch_size: int) -> List[List[T]]:
     """Consecutive batches of `samples`; the last, partial batch is kept (no image is dropped)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -72,7 +74,7 @@ def batches(samples: Sequence[int], batch_size: int) -> List[List[int]]:
 
 
 def _repeat_counts(index) -> List[int]:
-    items: Union[Sequence, object] = getattr(index, "records", index)
+    items: Sequence = getattr(index, "records", index)
     counts = [int(getattr(item, "repeats", item)) for item in items]
     if any(count < 0 for count in counts):
         raise ValueError("repeats must be >= 0")

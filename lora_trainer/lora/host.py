@@ -22,7 +22,7 @@ class LinearSlot:
     own. `module` is the layer whose forward `host_class` replaces, `slot` names the part; `weight`
     is the live (out_features, in_features) weight of that part (a view into the fused weight)."""
 
-    host_class: type = None   # set by the subclass
+    host_class: type   # set by the subclass
 
     def __init__(self, module: nn.Module, slot: str, in_features: int, out_features: int):
         self.module, self.slot = module, slot

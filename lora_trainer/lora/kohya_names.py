@@ -115,8 +115,7 @@ def webui_candidate_names(kohya_key: str, is_sd2: bool = False) -> list[str]:
 
 
 def _unique(names: list[str]) -> list[str]:
-    seen: set[str] = set()
-    return [n for n in names if not (n in seen or seen.add(n))]
+    return list(dict.fromkeys(names))   # (dicts keep insertion order)
 
 
 # --- the conversion rules, one function each, tried in the WebUI's order -----------------------

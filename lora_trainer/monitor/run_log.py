@@ -14,6 +14,7 @@ import time
 from collections import Counter
 
 from ..config.load import dump_config
+from ..contracts.backbone import Backbone
 from ..training.control import TrainingObserver
 from . import system
 
@@ -87,10 +88,10 @@ class RunLog(TrainingObserver):
         self._window_losses: list[float] = []
         self._logged_once = False
 
-    def write_header(self, cfg, backbone, index) -> None:
-        env = system.environment_info(backbone.device, getattr(backbone, "dtype", None))
+    def write_header(self, cfg, backbone: Backbone, index) -> None:
+        env = system.environment_info(backbone.device, backbone.dtype)
         _info("environment: %s", " ".join(f"{k}={v}" for k, v in env.items()))
-        identity = getattr(backbone, "identity", lambda: {})()
+        identity = backbone.identity()
         _info("base model: %s", " ".join(f"{k}={v}" for k, v in identity.items()))
         _info("effective config:\n%s", dump_config(cfg).rstrip())
         _info("%s", dataset_summary(index))
@@ -148,7 +149,7 @@ class RunLog(TrainingObserver):
 
 
 @contextlib.contextmanager
-def run_monitors(cfg, backbone, index):
+def run_monitors(cfg, backbone: Backbone, index):
     """The observers every run gets (train.log lines, TensorBoard when available); closed on exit,
     also when training fails, so event files are complete for a crashed run too."""
     from .tensorboard_log import open_tensorboard

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..contracts.backbone import DiffusionBackbone
 from ..data.captions import top_tags
 from ..storage.atomic import atomic_write_text
 from ..training.control import TrainingObserver
@@ -144,7 +145,7 @@ class CardWriter(TrainingObserver):
     """Refreshes `<name>.json` after every save of the run's LoRA. Snapshots (`<name>-<step>`) get
     none: one card file per snapshot would double the clutter in the WebUI's LoRA folder."""
 
-    def __init__(self, cfg, backbone, index):
+    def __init__(self, cfg, backbone: DiffusionBackbone, index):
         self.cfg, self.family_label, self.index = cfg, backbone.family.label, index
         self.lora_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..contracts.backbone import DiffusionBackbone
 from ..lora.kohya_file import LoraFileError, network_tensors
 from .cards import write_card_preview
 from .images import grid, save_png, to_pil
@@ -161,7 +162,7 @@ class Previewer:
             image = self._sample(trainer.backbone, prompt)
         return image, hashes
 
-    def _sample(self, backbone, prompt: PreviewPrompt) -> torch.Tensor:
+    def _sample(self, backbone: DiffusionBackbone, prompt: PreviewPrompt) -> torch.Tensor:
         settings = self.settings_for(prompt)
         cond = backbone.encode_text([prompt.text])
         uncond = backbone.encode_text([self.negative_for(prompt)]) if settings.cfg_scale != 1 else None
@@ -184,7 +185,7 @@ class Previewer:
             hashes[tag.name] = entry.metadata.get("sshs_model_hash", "")[:12]
         return networks, hashes
 
-    def _targets(self, backbone):
+    def _targets(self, backbone: DiffusionBackbone):
         """The model's LoRA-able layers, listed once per previewer (a walk over every module)."""
         if self._target_list is None:
             self._target_list = backbone.lora_targets()

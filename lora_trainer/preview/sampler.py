@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contracts.backbone import Conditioning, DiffusionBackbone
+
 # SD1/SD2/SDXL all have 4 latent channels and a VAE that downsamples by 8.
 LATENT_CHANNELS = 4
 VAE_FACTOR = 8
@@ -36,7 +38,8 @@ def concat_conditioning(first: dict, second: dict) -> dict:
 class GuidedDenoiser:
     """x0 predictions of the backbone at a noise level, with classifier-free guidance."""
 
-    def __init__(self, backbone, cond: dict, uncond: dict | None, cfg_scale: float):
+    def __init__(self, backbone: DiffusionBackbone, cond: Conditioning, uncond: Conditioning | None,
+                 cfg_scale: float):
         self.backbone = backbone
         self.cfg_scale = cfg_scale
         self.guided = uncond is not None and cfg_scale != 1.0
@@ -128,7 +131,8 @@ def sample_ddim(denoiser: GuidedDenoiser, noise: torch.Tensor, steps: int) -> to
 # ---- entry point -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_latents(backbone, cond: dict, uncond: dict | None, settings: SampleSettings) -> torch.Tensor:
+def sample_latents(backbone: DiffusionBackbone, cond: Conditioning, uncond: Conditioning | None,
+                   settings: SampleSettings) -> torch.Tensor:
     """Latents [1, 4, H/8, W/8] (float32) for one image."""
     if settings.sampler not in SAMPLER_LABELS:
         raise ValueError(f"unknown preview sampler '{settings.sampler}' "
@@ -144,7 +148,8 @@ def sample_latents(backbone, cond: dict, uncond: dict | None, settings: SampleSe
 
 
 @torch.no_grad()
-def render_image(backbone, cond: dict, uncond: dict | None, settings: SampleSettings) -> torch.Tensor:
+def render_image(backbone: DiffusionBackbone, cond: Conditioning, uncond: Conditioning | None,
+                 settings: SampleSettings) -> torch.Tensor:
     """Decoded image [3, H, W] in [0, 1] on the CPU."""
     latents = sample_latents(backbone, cond, uncond, settings)
     return backbone.decode_latents(latents)[0].float().cpu()

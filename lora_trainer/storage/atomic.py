@@ -156,7 +156,7 @@ def remove_stale_temp_files(folder: os.PathLike | str) -> list[Path]:
     leave a whole LoRA's worth behind). Only temp_path_for's own names, and only when the pid in
     the name is not a running process: another writer's live temp file and every other file stay."""
     folder = Path(folder)
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():

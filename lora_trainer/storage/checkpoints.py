@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import List, Mapping, Optional, Union
 
 import safetensors.torch
 import torch
@@ -176,7 +176,7 @@ class CheckpointStore:
         """None if the checkpoint folder is complete and intact, else what is wrong with it."""
         path = Path(path)
         manifest, problem = self._read_manifest(path)
-        if problem:
+        if manifest is None:
             return problem
         for filename, expected in manifest["files"].items():
             problem = self._check_file(path / filename, expected)
@@ -221,6 +221,7 @@ class CheckpointStore:
             return f"{file.name} checksum mismatch (the file is corrupted)"
         return None
 
+    # (`list` below names this method inside the class: annotations there use typing.List)
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint-* folder, valid or not, sorted by step."""
         if not self.checkpoints_dir.is_dir():
@@ -247,9 +248,9 @@ class CheckpointStore:
         loss = state.get("loss") if isinstance(state, dict) else None
         return float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
 
-    def latest_valid(self) -> tuple[Optional[CheckpointInfo], list[str]]:
+    def latest_valid(self) -> tuple[Optional[CheckpointInfo], List[str]]:
         """The newest valid checkpoint, and one warning for every newer one that is skipped."""
-        warnings = []
+        warnings: List[str] = []
         for info in reversed(self.list()):
             if info.valid:
                 return info, warnings
@@ -264,15 +265,17 @@ class CheckpointStore:
         and then parsed from the very bytes that were checked (no second read to race with)."""
         path = info.path if isinstance(info, CheckpointInfo) else Path(info)
         manifest, problem = self._read_manifest(path)
-        if problem:
+        if manifest is None:
             raise CheckpointError(f"Cannot load checkpoint {path}: {problem}")
-        tensor_files, state = {}, None
+        tensor_files: dict[str, dict[str, torch.Tensor]] = {}
+        state: Optional[dict] = None
         for filename, expected in manifest["files"].items():
             data = self._read_verified(path, filename, expected)
             if filename == STATE_NAME:
                 state = json.loads(data.decode("utf-8"))
             elif filename.endswith(TENSOR_SUFFIX):
                 tensor_files[filename[:-len(TENSOR_SUFFIX)]] = safetensors.torch.load(data)
+        assert state is not None   # _read_manifest refuses a manifest that does not list it
         return tensor_files, state
 
     @staticmethod
@@ -288,7 +291,7 @@ class CheckpointStore:
 
     # ---- housekeeping ----------------------------------------------------------------------
 
-    def prune(self, keep_last_n: int) -> list[Path]:
+    def prune(self, keep_last_n: int) -> List[Path]:
         """Delete valid checkpoints older than the newest `keep_last_n` valid ones, and invalid
         ones older than the newest valid one. The newest valid checkpoint always stays (even for
         keep_last_n < 1); invalid ones newer than it stay for inspection. Call only after a save
@@ -312,12 +315,12 @@ class CheckpointStore:
         os.replace(path, doomed)
         _remove_tree(doomed)
 
-    def cleanup_temp(self) -> list[Path]:
+    def cleanup_temp(self) -> List[Path]:
         """Remove ".tmp-*" leftovers of killed saves/prunes. Folders of another process that is
         still running (pid in the name) are left alone."""
         if not self.checkpoints_dir.is_dir():
             return []
-        removed = []
+        removed: List[Path] = []
         for entry in self.checkpoints_dir.iterdir():
             if not entry.name.startswith(TEMP_PREFIX):
                 continue

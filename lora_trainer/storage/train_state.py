@@ -53,7 +53,7 @@ def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None
         tensors[f"{RNG_PREFIX}generator.{name}"] = generator.get_state()
     json_obj = {
         "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "numpy": {"name": np_name, "keys": np_keys.tolist(), "pos": int(np_pos),
+        "numpy": {"name": np_name, "keys": np.asarray(np_keys).tolist(), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
         "cuda_devices": len(cuda_states),
         "generators": sorted(generators or {}),

@@ -65,7 +65,7 @@ def epoch_batches(index, epoch: int, seed: int, batch_size: int, buckets=None) -
     bucket. Batches are ordered by their first sample's position in the epoch's permutation, which
     interleaves buckets without another random draw — and with one bucket is plain chunking."""
     samples = epoch_samples(index, epoch, seed)
-    by_bucket: dict = {}
+    by_bucket: dict[object, list[tuple[int, int]]] = {}
     for position, record in enumerate(samples):
         key = buckets[record] if buckets is not None else None
         by_bucket.setdefault(key, []).append((position, record))

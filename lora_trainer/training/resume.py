@@ -58,7 +58,9 @@ def capture(trainer) -> tuple[dict, dict]:
 
 def check_compatible(state: dict, trainer, force: bool) -> list[str]:
     """Refuse a resume that would silently train something else; return notes about harmless changes."""
-    problems, forced, notes = [], [], []
+    problems: list[str] = []
+    forced: list[str] = []
+    notes: list[str] = []
     if state.get("base_model", {}).get("hash") != trainer.backbone.identity().get("hash"):
         problems.append(f"base model: the checkpoint was trained on {state['base_model'].get('source')} "
                         f"(fingerprint {state['base_model'].get('hash')}), the loaded model is "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..contracts.backbone import Conditioning, DiffusionBackbone, SizeInfo
 from ..data.captions import process_caption
 from ..data.images import load_rgb, pixel_limit, resize_and_crop, to_tensor
 from ..data.order import sample_rng
@@ -22,7 +23,7 @@ log = logging.getLogger("lora_trainer")
 
 
 class SampleSource:
-    def __init__(self, cfg, index, backbone, buckets):
+    def __init__(self, cfg, index, backbone: DiffusionBackbone, buckets):
         self.cfg = cfg
         self.records = index.records
         self.backbone = backbone
@@ -33,8 +34,8 @@ class SampleSource:
         # keys: SDXL's `vector`, not `text_embeds`): the same model's text embeddings are not the
         # headless ones, so they are cached apart. Latents are the same and stay shared.
         self.text_host = identity.get("host")
-        self._latents: dict[int, tuple[torch.Tensor, dict]] = {}
-        self._conds: dict[tuple, dict] = {}
+        self._latents: dict[int, tuple[torch.Tensor, SizeInfo]] = {}
+        self._conds: dict[tuple, Conditioning] = {}
         # With a random crop each epoch sees other pixels, so latents cannot be cached.
         self.cache_latents = not cfg.random_crop
         # A trained text encoder changes the embeddings every step.
@@ -60,7 +61,7 @@ class SampleSource:
         return notes
 
     # ---- latents -----------------------------------------------------------------------------------
-    def _encode_record(self, record_idx: int, rng: random.Random | None) -> tuple[torch.Tensor, dict]:
+    def _encode_record(self, record_idx: int, rng: random.Random | None) -> tuple[torch.Tensor, SizeInfo]:
         record = self.records[record_idx]
         width, height = self.buckets.per_record[record_idx]
         img = load_rgb(record.path, pixel_limit(self.cfg.max_image_megapixels))
@@ -74,7 +75,7 @@ class SampleSource:
         latent = self.backbone.encode_image(to_tensor(img).unsqueeze(0), generator)[0].cpu()
         return latent, {"original": tuple(original), "crop": (top, left), "target": (height, width)}
 
-    def _cached_latent(self, record_idx: int) -> tuple[torch.Tensor, dict]:
+    def _cached_latent(self, record_idx: int) -> tuple[torch.Tensor, SizeInfo]:
         record = self.records[record_idx]
         bucket = self.buckets.per_record[record_idx]
         tile = getattr(self.backbone, "vae_tile_size", 0)
@@ -85,9 +86,9 @@ class SampleSource:
         if self.latent_disk:
             hit = self.latent_disk.get(key)
             if hit is not None:
-                sizes = hit["sizes"].tolist()
-                return hit["latent"], {"original": tuple(sizes[0:2]), "crop": tuple(sizes[2:4]),
-                                       "target": tuple(sizes[4:6])}
+                flat_sizes = hit["sizes"].tolist()
+                return hit["latent"], {"original": tuple(flat_sizes[0:2]), "crop": tuple(flat_sizes[2:4]),
+                                       "target": tuple(flat_sizes[4:6])}
         latent, sizes = self._encode_record(record_idx, None)
         if self.latent_disk:
             flat = [*sizes["original"], *sizes["crop"], *sizes["target"]]
@@ -103,7 +104,7 @@ class SampleSource:
             if progress:
                 progress(i + 1, len(self.records))
 
-    def latent(self, record_idx: int, rng: random.Random) -> tuple[torch.Tensor, dict]:
+    def latent(self, record_idx: int, rng: random.Random) -> tuple[torch.Tensor, SizeInfo]:
         if self.cache_latents:
             if record_idx not in self._latents:
                 self._latents[record_idx] = self._cached_latent(record_idx)
@@ -116,11 +117,10 @@ class SampleSource:
         return process_caption(self.records[record_idx].caption, shuffle=cfg.shuffle_caption,
                                keep_tokens=cfg.keep_tokens, dropout_rate=cfg.caption_dropout_rate, rng=rng)
 
-    def _text_key(self, caption: str, sizes: dict) -> tuple:
-        uses_sizes = getattr(self.backbone, "conditioning_uses_sizes", False)
-        return (caption, tuple(sorted(sizes.items())) if uses_sizes else None)
+    def _text_key(self, caption: str, sizes: SizeInfo) -> tuple:
+        return (caption, tuple(sorted(sizes.items())) if self.backbone.conditioning_uses_sizes else None)
 
-    def _encode_one(self, caption: str, sizes: dict) -> dict:
+    def _encode_one(self, caption: str, sizes: SizeInfo) -> Conditioning:
         # the host is always in the key, so entries of versions that keyed only the model (where
         # the WebUI's and the headless embeddings could be mixed up) are never read again
         # half-precision text encoders give other embeddings than fp32 ones (keys of fp32 unchanged)
@@ -160,7 +160,7 @@ class SampleSource:
                 if key not in self._conds:
                     self._conds[key] = self._encode_one(caption, sizes)
 
-    def conditioning(self, captions: list[str], sizes: list[dict]) -> dict:
+    def conditioning(self, captions: list[str], sizes: list[SizeInfo]) -> Conditioning:
         if not self.cache_text:
             return self.backbone.encode_text(captions, sizes)
         if self.cfg.shuffle_caption:   # memory would grow with every new shuffle: do not keep them

@@ -8,18 +8,19 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..contracts.backbone import Backbone
 from ..lora.adapters import adapter_setup
 from ..lora.network import LoRANetwork
 from ..storage.checkpoints import CheckpointStore
 from . import resume as resume_mod
 from .distributed import SINGLE, DistContext
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
-from ..monitor.system import PhasePeaks
 from .outputs import LoraWriteFailed, ensure_run_id, lora_file_step, set_aside_foreign_file
 from .oom import OutOfMemoryStop, is_out_of_memory, next_oom_action, oom_advice, release_failed_step
 from .optim import build_optimizer, build_scheduler
@@ -40,16 +41,13 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg, backbone, index, control: TrainingControl | None = None,
-                 observers: list[TrainingObserver] = (), previewer=None, force_resume: bool = False,
-                 dist: DistContext = SINGLE, task=None, phases: PhasePeaks | None = None):
-        """`task`: the task's training side (tasks/protocol.py TrainingTask); by default the one
-        `cfg.task_type` names. `phases`: the memory/time per phase record (the headless session
-        passes the one that measured the model load)."""
+    def __init__(self, cfg, backbone: Backbone, index, control: TrainingControl | None = None,
+                 observers: Sequence[TrainingObserver] = (), previewer=None, force_resume: bool = False,
+                 dist: DistContext = SINGLE, *, task, phases):
+        """`task`: the task's training side (tasks/protocol.py TrainingTask), built by the
+        composition root (app/session.py) so the loop imports no task package. `phases`: the
+        memory/time per phase record (monitor.system.PhasePeaks, from the composition root too)."""
         self.cfg, self.backbone, self.index = cfg, backbone, index
-        if phases is None:
-            phases = PhasePeaks(backbone.device)
-            phases.enter("setup")
         self.phases = phases
         self.dist = dist
         if not dist.is_main:  # only rank 0 reports, previews and writes
@@ -59,9 +57,6 @@ class Trainer:
         self.previewer = previewer
         self.force_resume = force_resume
         self.run_dir = Path(cfg.run_dir)
-        if task is None:
-            from ..tasks import task_for   # the task packages import their models' libraries
-            task = task_for(cfg.task_type).training(cfg, backbone, index)
         self.task = task
         self.lora_path = task.output_path
         self.store = CheckpointStore(self.run_dir)

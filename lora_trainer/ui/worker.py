@@ -30,7 +30,7 @@ MAX_PLOT_POINTS = 1000
 
 
 def default_trainer(cfg, control, observers, force_resume=False):
-    from ..training.session import train_from_config
+    from ..app.session import train_from_config
 
     return train_from_config(cfg, control, observers, force_resume)
 

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.families import FAMILIES, SD2_V
+from ..contracts.backbone import DiffusionBackbone
+from ..diffusion.families import FAMILIES, SD2_V
 from ..lora.kohya_names import webui_compvis_name
 from ..lora.mha import mha_projections
 from ..lora.targets import TEXT, LoraTarget, is_linear
@@ -95,7 +96,7 @@ def compute_device(env, weight: torch.Tensor) -> torch.device:
     return torch.device(device) if device is not None else weight.device
 
 
-class WebuiBackbone:
+class WebuiBackbone(DiffusionBackbone):
     def __init__(self, sd_model, env=None, resolution: int = 512):
         self.model = sd_model
         self.env = env

@@ -216,10 +216,10 @@ def _console_logging():
 
 
 def _run_training():
-    """`training.session.run_training`, without letting its import switch the whole WebUI process to
+    """`app.session.run_training`, without letting its import switch the whole WebUI process to
     offline mode (session.py sets HF_HUB_OFFLINE for headless runs)."""
     had = "HF_HUB_OFFLINE" in os.environ
-    from ..training.session import run_training
+    from ..app.session import run_training
     if not had:
         os.environ.pop("HF_HUB_OFFLINE", None)
     return run_training

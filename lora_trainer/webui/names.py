@@ -51,7 +51,7 @@ class TextEncoderLayout:
 
 @dataclass(frozen=True)
 class WebuiLayout:
-    family: str                        # "sd1" | "sd2" | "sdxl" (backbones.families)
+    family: str                        # "sd1" | "sd2" | "sdxl" (diffusion.families)
     unet_naming: str                   # "diffusers" | "ldm"
     text_encoders: tuple[TextEncoderLayout, ...]
     conditioning_uses_sizes: bool      # SDXL's `vector` depends on the image size

@@ -206,7 +206,7 @@ def headless_layers(webui, checkpoint: str, family: str, tmp_path, **values) -> 
 
     from lora_trainer.backbones import tiny
     from lora_trainer.config import load_config
-    from lora_trainer.training.session import train_from_config
+    from lora_trainer.app.session import train_from_config
 
     configs = tmp_path / "cli-configs"
     tiny.write_config_folder(configs, tiny.build_tiny(family, seed=0, with_tokenizer=False)["configs"])

@@ -9,7 +9,7 @@ from ...data.buckets import BucketPlan, BucketSpec
 from ...lora.kohya_file import load_into_network, network_tensors, read_lora_file, save_lora_file
 from ...lora.targets import select_targets
 from ...training.lora_metadata import lora_metadata
-from ...training.objective import add_noise, min_snr_weights, per_sample_loss, target_for
+from ...diffusion.objective import add_noise, min_snr_weights, per_sample_loss, target_for
 from ...training.memory import parkable_components
 from ...training.outputs import RUN_ID_KEY
 from ...training.samples import SampleSource
@@ -74,7 +74,7 @@ class SDTraining:
         return self.output_path.with_name(f"{self.cfg.output_name}-{step:06d}.safetensors")
 
     def describe(self, say, warn) -> None:
-        detected = getattr(self.backbone, "detected", "")
+        detected = self.backbone.detected
         if detected:  # which family/variant the checkpoint was recognised as, and why
             say(f"Base model: {detected}")
         say(f"Buckets (width x height: samples): {self.buckets.describe(self.index)}")

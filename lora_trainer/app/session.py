@@ -17,10 +17,11 @@ from ..monitor.run_log import run_monitors
 from ..monitor.system import PhasePeaks
 from ..storage.run_lock import hold_run_folder
 from ..tasks import task_for
-from .control import TrainingControl
-from .distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
-from .outputs import carry_run_ids, ensure_run_id, preflight
-from .trainer import Trainer, TrainResult
+from ..contracts.backbone import Backbone
+from ..training.control import TrainingControl
+from ..training.distributed import SINGLE, DistContext, device_for, init_from_environment, shutdown
+from ..training.outputs import carry_run_ids, ensure_run_id, preflight
+from ..training.trainer import Trainer, TrainResult
 
 log = logging.getLogger("lora_trainer")
 
@@ -66,7 +67,7 @@ def _holding_run_folder(cfg, dist: DistContext):
     return hold_run_folder(cfg.run_dir) if dist.is_main else contextlib.nullcontext()
 
 
-def run_training(cfg, backbone, control=None, observers=(), previewer=None, force_resume=False,
+def run_training(cfg, backbone: Backbone, control=None, observers=(), previewer=None, force_resume=False,
                  index=None, dist: DistContext = SINGLE, data_findings=None, phases=None) -> TrainResult:
     """`data_findings`: the data check's findings when the caller already ran it (then they are
     only logged here, not computed again)."""
@@ -105,10 +106,15 @@ def _run_training_locked(cfg, backbone, control, observers, previewer, force_res
                 previewer = task.previewer(cfg)
             if dist.is_main:
                 observers = [*observers, *task.observers(cfg, backbone, index)]
-            monitoring = run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([])
+            monitoring: contextlib.AbstractContextManager[list] = (
+                run_monitors(cfg, backbone, index) if dist.is_main else contextlib.nullcontext([]))
             with monitoring as monitors:  # train.log lines, TensorBoard
+                if phases is None:   # (the headless session passes the one that measured the model load)
+                    phases = PhasePeaks(backbone.device)
+                    phases.enter("setup")
                 trainer = Trainer(cfg, backbone, index, control or TrainingControl(),
-                                  [*monitors, *observers], previewer, force_resume, dist, phases=phases)
+                                  [*monitors, *observers], previewer, force_resume, dist, phases=phases,
+                                  task=task.training(cfg, backbone, index))
                 return trainer.run()
         except Exception:
             # the stack goes to train.log only; the console shows the message (see cli)

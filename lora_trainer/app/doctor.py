@@ -28,7 +28,7 @@ class _Lazy:
     parser (every command, `--help` too) imports this module for `register`."""
 
     def __getattr__(self, name):
-        from . import system as module
+        from ..monitor import system as module
         return getattr(module, name)
 
 
@@ -219,8 +219,8 @@ def memory_fit_check(cfg) -> Check:
     import torch
 
     from ..backbones.loading import describe_model
-    from ..training.session import base_dtype, resolve_device
-    from .memory_estimate import predict_memory
+    from .session import base_dtype, resolve_device
+    from ..monitor.memory_estimate import predict_memory
 
     device = resolve_device(cfg.device)
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base_dtype(cfg, device), "fp32")
@@ -245,7 +245,7 @@ def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
     import torch
 
     from ..tasks import task_for
-    from ..training.session import base_dtype, index_dataset, resolve_device, run_training
+    from .session import base_dtype, index_dataset, resolve_device, run_training
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -273,12 +273,12 @@ def dry_run(cfg, steps: int = DRY_RUN_STEPS) -> list[Check]:
 def _timing_checks(seconds: list[float], total_steps: int, cfg=None) -> list[Check]:
     if not seconds:
         return [Check("step time", "fail", "the dry run made no training step")]
-    from .run_log import format_duration
+    from ..monitor.run_log import format_duration
 
     step = seconds[-1]
     checks = [Check("step time", "ok", f"{step:.3f} s per optimizer step"
                     + (f" (first step {seconds[0]:.3f} s, with warm-up)" if len(seconds) > 1 else ""))]
-    from .run_log import preview_cost
+    from ..monitor.run_log import preview_cost
 
     previews, images = preview_cost(cfg, 0, total_steps, step) if cfg is not None else (0.0, 0)
     extra = f" + {images} preview image(s) ~{format_duration(previews)}" if images else ""
@@ -330,7 +330,7 @@ def cmd_doctor(args) -> int:
     from ..config import load_config
 
     cfg = load_config(args.config) if args.config else None
-    folders = ([("run_dir", Path(cfg.run_dir)), ("output_dir", Path(cfg.output_dir))] if cfg
+    folders = ([("run_dir", cfg.run_path), ("output_dir", Path(cfg.output_dir))] if cfg
                else [("cwd", Path(os.getcwd()))])
     checks = environment_report(folders)
     print(render(checks), flush=True)

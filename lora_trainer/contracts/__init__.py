@@ -1,0 +1,1 @@
+"""The typed contracts between the loop and what plugs into it (backbones)."""

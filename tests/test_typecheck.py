@@ -1,0 +1,17 @@
+"""The core packages type-check (mypy, pinned in .ci/constraints.txt; the packages and settings are
+in pyproject.toml [tool.mypy]), so `.ci/run` fails on a type error like on a failing test."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_core_packages_type_check():
+    # the cache (.mypy_cache, ignored by git) makes a rerun take seconds instead of ~20 s
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-color-output"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"mypy found problems:\n{done.stdout}{done.stderr}"
+    assert "no issues found" in done.stdout
