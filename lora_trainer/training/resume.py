@@ -8,10 +8,8 @@ Files in a checkpoint folder (see storage.checkpoints for atomicity and checksum
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 from ..config.load import config_diff, config_to_dict
+from ..contracts.backbone import Backbone
 from ..storage import train_state
 
 
@@ -19,55 +17,37 @@ class ResumeRefused(RuntimeError):
     pass
 
 
-@dataclass
-class Position:
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0   # index of the next batch to train inside `epoch`
-    samples_seen: int = 0
-
-
-def capture(trainer) -> tuple[dict, dict]:
-    names = [n for n, _ in trainer.named_params]
-    lora = {n: p.detach().cpu().contiguous() for n, p in trainer.named_params}
-    opt_tensors, opt_json = train_state.optimizer_state_to_files(trainer.optimizer, names)
-    rng_tensors, rng_json = train_state.capture_rng_state()
-    state = {
+def run_facts(cfg, plan, world_size: int, dataset_manifest: str, backbone: Backbone, lora_path) -> dict:
+    """What a checkpoint stores beside the training state (training/state.py): the facts a resume
+    must match or adapt to."""
+    return {
         "format": 1,
-        "position": dataclasses.asdict(trainer.position),
-        "loss": trainer.last_loss,
-        "recent_losses": trainer.recent_losses[-200:],
-        "total_steps": trainer.plan.total_steps,
-        "batches_per_step": trainer.plan.accumulation,
-        "world_size": trainer.dist.world_size,
-        "micro_batch_size": trainer.micro_batch_size,
-        "scheduler": train_state.scheduler_state_to_json(trainer.scheduler),
-        "grad_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-        "optimizer": opt_json,
-        "rng": rng_json,
-        "config": config_to_dict(trainer.cfg),
-        "dataset_manifest": trainer.index.manifest_hash(),
-        "base_model": trainer.backbone.identity(),
+        "total_steps": plan.total_steps,
+        "batches_per_step": plan.accumulation,
+        "world_size": world_size,
+        "config": config_to_dict(cfg),
+        "dataset_manifest": dataset_manifest,
+        "base_model": backbone.identity(),
         "determinism": train_state.determinism_settings(),
-        "runtime": trainer.backbone.runtime_settings(),
-        "started_at": trainer.started_at,
-        "lora_file": str(trainer.lora_path),
+        "runtime": backbone.runtime_settings(),
+        "lora_file": str(lora_path),
     }
-    return {"lora": lora, "optimizer": opt_tensors, "rng": rng_tensors}, state
 
 
-def check_compatible(state: dict, trainer, force: bool) -> list[str]:
-    """Refuse a resume that would silently train something else; return notes about harmless changes."""
+def check_compatible(state: dict, current: dict, cfg, force: bool) -> list[str]:
+    """Refuse a resume that would silently train something else; return notes about harmless changes.
+    `state`: the checkpoint's; `current`: this run's `run_facts`."""
     problems: list[str] = []
     forced: list[str] = []
     notes: list[str] = []
-    if state.get("base_model", {}).get("hash") != trainer.backbone.identity().get("hash"):
+    model = current["base_model"]
+    if state.get("base_model", {}).get("hash") != model.get("hash"):
         problems.append(f"base model: the checkpoint was trained on {state['base_model'].get('source')} "
                         f"(fingerprint {state['base_model'].get('hash')}), the loaded model is "
-                        f"{trainer.backbone.identity().get('source')} ({trainer.backbone.identity().get('hash')})")
-    if state.get("dataset_manifest") != trainer.index.manifest_hash():
+                        f"{model.get('source')} ({model.get('hash')})")
+    if state.get("dataset_manifest") != current["dataset_manifest"]:
         forced.append("dataset: images or captions changed since the checkpoint")
-    for change in config_diff(state.get("config", {}), trainer.cfg):
+    for change in config_diff(state.get("config", {}), cfg):
         text = f"{change.key}: {change.old!r} -> {change.new!r}"
         {"fixed": problems, "force": forced}.get(change.resume, notes).append(text)
     if problems:
@@ -84,22 +64,3 @@ def check_compatible(state: dict, trainer, force: bool) -> list[str]:
                               "in the WebUI's JSON API. To start over: --no-resume, resume: false in the "
                               "config, or the tab's Resume box off.")
     return [f"continuing with changed {x}" for x in forced] + [f"changed {x}" for x in notes]
-
-
-def restore(trainer, tensors: dict, state: dict) -> None:
-    notes = train_state.apply_determinism_settings(state.get("determinism", {}))
-    for note in notes:
-        trainer.say(note)
-    for name, param in trainer.named_params:
-        param.data.copy_(tensors["lora"][name])
-    names = [n for n, _ in trainer.named_params]
-    train_state.load_optimizer_state(trainer.optimizer, names, tensors["optimizer"], state["optimizer"])
-    train_state.load_scheduler_state(trainer.scheduler, state["scheduler"])
-    if trainer.scaler is not None and state.get("grad_scaler"):
-        trainer.scaler.load_state_dict(state["grad_scaler"])
-    train_state.restore_rng_state(tensors["rng"], state["rng"])
-    trainer.position = Position(**state["position"])
-    trainer.last_loss = state.get("loss")
-    trainer.recent_losses = list(state.get("recent_losses", []))
-    trainer.micro_batch_size = state.get("micro_batch_size", trainer.micro_batch_size)
-    trainer.started_at = state.get("started_at", trainer.started_at)

@@ -17,6 +17,7 @@ import torch
 from ..contracts.backbone import Backbone
 from ..lora.adapters import adapter_setup
 from ..lora.network import LoRANetwork
+from ..storage import train_state
 from ..storage.checkpoints import CheckpointStore
 from . import resume as resume_mod
 from .distributed import SINGLE, DistContext
@@ -25,6 +26,7 @@ from .outputs import LoraWriteFailed, ensure_run_id, lora_file_step, set_aside_f
 from .oom import OutOfMemoryStop, is_out_of_memory, next_oom_action, oom_advice, release_failed_step
 from .optim import build_optimizer, build_scheduler
 from .plan import TrainingPlan, count_batches, iterate_steps
+from .state import TrainingState
 
 log = logging.getLogger("lora_trainer")
 
@@ -68,15 +70,10 @@ class Trainer:
                                  cfg.gradient_accumulation_steps * dist.world_size,
                                  cfg.epochs, cfg.max_train_steps,
                                  count_batches(index, cfg.batch_size, self.batch_keys))
-        self.position = resume_mod.Position()
-        self.micro_batch_size = cfg.batch_size
         self._checkpointing_forced = False
-        self.last_loss: float | None = None
-        self.recent_losses: list[float] = []
-        self.started_at = time.time()
         self.last_checkpoint: Path | None = None
         self._build_network()
-        self._build_optimizer()
+        self.state = self._build_state()   # what training changes: saved and restored as one
 
     # ---- setup -------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -99,22 +96,23 @@ class Trainer:
         self.network.to(self.backbone.device, torch.float32)
         self.network.attach()
 
-    def _build_optimizer(self) -> None:
+    def _build_state(self) -> TrainingState:
+        """The optimizer, scheduler and scaler over the network's trainable parameters."""
         cfg = self.cfg
         unet = self.network.trainable_parameters(text_encoder=False)
         te = self.network.trainable_parameters(text_encoder=True)
-        self.named_params = unet + te   # fixed order: the optimizer state is mapped by these names
+        named_params = unet + te   # fixed order: the optimizer state is mapped by these names
         groups = [{"params": [p for _, p in unet], "lr": cfg.learning_rate}]
         if te:
             groups.append({"params": [p for _, p in te], "lr": cfg.text_encoder_lr or cfg.learning_rate})
-        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps,
-                                         self.plan.total_steps)
-        self.scaler = None
+        optimizer = build_optimizer(cfg.optimizer, groups, cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, self.plan.total_steps)
+        scaler = None
         if cfg.mixed_precision == "fp16":
             if self.backbone.device.type != "cuda":
                 raise ValueError("mixed_precision: fp16 needs a CUDA GPU; use 'no' or 'bf16' on CPU")
-            self.scaler = torch.amp.GradScaler("cuda")
+            scaler = torch.amp.GradScaler("cuda")
+        return TrainingState(named_params, optimizer, scheduler, scaler, micro_batch_size=cfg.batch_size)
 
     def _autocast(self):
         if self.cfg.mixed_precision == "no":
@@ -140,13 +138,15 @@ class Trainer:
                          "as it is until this run's first save.")
             return False
         tensors, state = self.store.load(info)
-        for note in resume_mod.check_compatible(state, self, self.force_resume):
+        for note in resume_mod.check_compatible(state, self._run_facts(), self.cfg, self.force_resume):
             self.say(note)
         self._keep_step_composition(state)
-        resume_mod.restore(self, tensors, state)
+        for note in train_state.apply_determinism_settings(state.get("determinism", {})):
+            self.say(note)
+        self.state.load_state_dict(tensors, state)
         self._apply_config_learning_rates(state)
         self.last_checkpoint = info.path
-        self.say(f"Resuming from step {self.position.global_step} of {self.plan.total_steps} "
+        self.say(f"Resuming from step {self.state.position.global_step} of {self.plan.total_steps} "
                  f"({info.path.name})")
         self._reexport_lora_if_behind()
         return True
@@ -160,13 +160,13 @@ class Trainer:
         if self.lora_path.is_dir():   # a folder output (PEFT) carries no step: only a missing one
             return
         step = lora_file_step(self.lora_path, self.run_id)
-        if step is not None and step >= self.position.global_step:
+        if step is not None and step >= self.state.position.global_step:
             return
         why = "is missing" if not self.lora_path.exists() else \
             f"holds step {step}" if step is not None else "was not written by this run"
         self.save_lora()
         self.say(f"The LoRA file {why}; re-exported it from the checkpoint of step "
-                 f"{self.position.global_step}: {self.lora_path}")
+                 f"{self.state.position.global_step}: {self.lora_path}")
 
     def _keep_step_composition(self, state: dict) -> None:
         """Resuming on another number of processes: keep the batches per optimizer step (and so the
@@ -183,8 +183,8 @@ class Trainer:
                 f"x processes = {saved}, and force the resume (--force-resume; in the tab 'Continue "
                 "the run with changed settings')")
         self.plan = dataclasses.replace(self.plan, accumulation=saved)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.lr_scheduler, self.cfg.lr_warmup_steps,
-                                         self.plan.total_steps)
+        self.state.scheduler = build_scheduler(self.state.optimizer, self.cfg.lr_scheduler,
+                                               self.cfg.lr_warmup_steps, self.plan.total_steps)
         self.say(f"Checkpoint written by {state.get('world_size', '?')} process(es), resuming on "
                  f"{self.dist.world_size}: gradient accumulation per process is now "
                  f"{saved // self.dist.world_size} so the effective batch stays {self.plan.effective_batch}")
@@ -195,13 +195,19 @@ class Trainer:
         old = state.get("config", {})
         wanted = [self.cfg.learning_rate, self.cfg.text_encoder_lr or self.cfg.learning_rate]
         before = [old.get("learning_rate"), old.get("text_encoder_lr") or old.get("learning_rate")]
-        if wanted[:len(self.optimizer.param_groups)] == before[:len(self.optimizer.param_groups)]:
+        if wanted[:len(self.state.optimizer.param_groups)] == before[:len(self.state.optimizer.param_groups)]:
             return
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for i, group in enumerate(self.optimizer.param_groups):
+        factor = self.state.scheduler.lr_lambdas[0](self.state.scheduler.last_epoch)
+        for i, group in enumerate(self.state.optimizer.param_groups):
             group["initial_lr"] = wanted[i]
-            self.scheduler.base_lrs[i] = wanted[i]
+            self.state.scheduler.base_lrs[i] = wanted[i]
             group["lr"] = wanted[i] * factor
+
+    def _run_facts(self) -> dict:
+        """What a checkpoint stores about the run beside the training state: what a resume must
+        match (base model, data, config) or knows how to adapt to (processes, runtime settings)."""
+        return resume_mod.run_facts(self.cfg, self.plan, self.dist.world_size, self.index.manifest_hash(),
+                                    self.backbone, self.lora_path)
 
     # ---- saving ------------------------------------------------------------------------------------
     def save_lora(self, path: Path | None = None) -> Path:
@@ -217,10 +223,11 @@ class Trainer:
         """The checkpoint first, then the LoRA file: a LoRA write that fails (a read-only or full
         output folder) or a crash between the two loses no training — the resume re-exports a
         LoRA that is missing or older than its checkpoint (_reexport_lora_if_behind)."""
-        step = self.position.global_step
+        step = self.state.position.global_step
         path = self.store.checkpoints_dir / f"checkpoint-{step:08d}"
         if self.dist.is_main:
-            tensor_files, state = resume_mod.capture(self)
+            tensor_files, state = self.state.state_dict()
+            state.update(self._run_facts())
             path = self.store.save(step, tensor_files, state)
             self.store.prune(self.cfg.keep_last_n_checkpoints)
             self._export_lora_after_checkpoint(step, path)
@@ -244,8 +251,8 @@ class Trainer:
     def run(self) -> TrainResult:
         resumed = self._maybe_resume()
         total = self.plan.total_steps
-        if resumed and self.position.global_step >= total:
-            msg = (f"This run already finished at step {self.position.global_step}; the LoRA is "
+        if resumed and self.state.position.global_step >= total:
+            msg = (f"This run already finished at step {self.state.position.global_step}; the LoRA is "
                    f"{self.lora_path}. To train it further, raise max_train_steps (epochs when it "
                    "is not set) and force the resume (--force-resume; in the tab 'Continue the run with changed "
                    "settings'); to train again from scratch, turn resume off (--no-resume).")
@@ -263,10 +270,10 @@ class Trainer:
         self.observer.on_start(self._start_info(resumed))
         if self.previewer and not resumed:
             self._preview()
-        steps = iterate_steps(self.plan, self.index, self.cfg.seed, self.position.epoch,
-                              self.position.batch_in_epoch, self.batch_keys)
+        steps = iterate_steps(self.plan, self.index, self.cfg.seed, self.state.position.epoch,
+                              self.state.position.batch_in_epoch, self.batch_keys)
         for step_slice in steps:
-            if self.position.global_step >= total:
+            if self.state.position.global_step >= total:
                 break
             self._train_step(step_slice)
             if self._after_step():
@@ -284,21 +291,21 @@ class Trainer:
                 if not is_out_of_memory(error):
                     raise
                 self._recover_from_oom(error)
-        self.dist.sum_gradients([p for _, p in self.named_params])
+        self.dist.sum_gradients([p for _, p in self.state.named_params])
         loss_sum = self.dist.sum_float(loss_sum, self.backbone.device)
         grad_norm = self._stepped_optimizer()
-        self.position.global_step += 1
-        self.position.epoch = step_slice.epoch
-        self.position.batch_in_epoch = step_slice.first_batch + len(step_slice.batches)
-        if self.position.batch_in_epoch >= self.plan.batches_per_epoch:
-            self.position.epoch += 1
-            self.position.batch_in_epoch = 0
-        self.position.samples_seen += len(items)
-        self.last_loss = loss_sum
-        self.recent_losses.append(loss_sum)
+        self.state.position.global_step += 1
+        self.state.position.epoch = step_slice.epoch
+        self.state.position.batch_in_epoch = step_slice.first_batch + len(step_slice.batches)
+        if self.state.position.batch_in_epoch >= self.plan.batches_per_epoch:
+            self.state.position.epoch += 1
+            self.state.position.batch_in_epoch = 0
+        self.state.position.samples_seen += len(items)
+        self.state.last_loss = loss_sum
+        self.state.recent_losses.append(loss_sum)
         self.observer.on_step(StepReport(
-            step=self.position.global_step, total_steps=self.plan.total_steps, epoch=step_slice.epoch,
-            loss=loss_sum, lr=self.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
+            step=self.state.position.global_step, total_steps=self.plan.total_steps, epoch=step_slice.epoch,
+            loss=loss_sum, lr=self.state.optimizer.param_groups[0]["lr"], grad_norm=grad_norm,
             seconds=time.perf_counter() - t0, samples=len(items)))
 
     def _accumulate(self, step_slice, items) -> float:
@@ -306,8 +313,8 @@ class Trainer:
         an OOM the same samples are split finer, so the step's gradient stays the same."""
         loss_sum = 0.0
         for batch in step_slice.batches[self.dist.rank::self.dist.world_size]:
-            for start in range(0, len(batch), self.micro_batch_size):
-                chunk = batch[start:start + self.micro_batch_size]
+            for start in range(0, len(batch), self.state.micro_batch_size):
+                chunk = batch[start:start + self.state.micro_batch_size]
                 loss_sum += self._forward_backward(step_slice.epoch, chunk, weight=len(chunk) / len(items))
         return loss_sum
 
@@ -325,14 +332,14 @@ class Trainer:
                                                        "at the first step)", self.task.size_lever())) from error
 
     def _recover_from_oom(self, error) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.state.optimizer.zero_grad(set_to_none=True)
         release_failed_step(error, self.backbone.device)
-        action = next_oom_action(self.micro_batch_size, self.cfg.gradient_checkpointing
+        action = next_oom_action(self.state.micro_batch_size, self.cfg.gradient_checkpointing
                                  or self._checkpointing_forced)
         if action == "halve":
-            self.micro_batch_size //= 2
-            self.say(f"Out of memory at step {self.position.global_step + 1}: micro-batch halved to "
-                     f"{self.micro_batch_size} (gradient accumulation doubled; effective batch "
+            self.state.micro_batch_size //= 2
+            self.say(f"Out of memory at step {self.state.position.global_step + 1}: micro-batch halved to "
+                     f"{self.state.micro_batch_size} (gradient accumulation doubled; effective batch "
                      f"unchanged). Retrying the step.")
         elif action == "checkpointing":
             self._checkpointing_forced = True
@@ -345,28 +352,28 @@ class Trainer:
         """Loss of one micro-batch, scaled so the step's gradient is the mean over all its samples
         however the samples are split into micro-batches."""
         loss = self.task.loss(epoch, chunk, self._autocast) * weight
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        (self.state.scaler.scale(loss) if self.state.scaler else loss).backward()
         return float(loss.detach())
 
     def _optimizer_step(self) -> float | None:
-        params = [p for _, p in self.named_params]
+        params = [p for _, p in self.state.named_params]
         grad_norm = None
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        if self.state.scaler:
+            self.state.scaler.unscale_(self.state.optimizer)
         if self.cfg.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self.state.scaler:
+            self.state.scaler.step(self.state.optimizer)
+            self.state.scaler.update()
         else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.state.optimizer.step()
+        self.state.scheduler.step()
+        self.state.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     def _after_step(self) -> bool:
         """Checkpoints, previews and stop requests, between steps. Returns True to stop."""
-        step, cfg = self.position.global_step, self.cfg
+        step, cfg = self.state.position.global_step, self.cfg
         finished = step >= self.plan.total_steps
         save_now = self.dist.any(self.control.save_now.is_set(), self.backbone.device)
         if not finished and ((cfg.save_steps and step % cfg.save_steps == 0) or save_now):
@@ -400,7 +407,7 @@ class Trainer:
         self._release_cached_inputs()
 
     def _render_previews(self) -> None:
-        step = self.position.global_step
+        step = self.state.position.global_step
         try:
             paths = self.previewer.render(self, step)
         except Exception as error:   # noqa: BLE001 - see the docstring
@@ -414,8 +421,8 @@ class Trainer:
         self.observer.on_preview(step, paths)
 
     def _finish(self) -> TrainResult:
-        step, total = self.position.global_step, self.plan.total_steps
-        if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{step:08d}":
+        step, total = self.state.position.global_step, self.plan.total_steps
+        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_dirname(step):
             self.save_checkpoint()
         if step >= total:
             if self.previewer:
@@ -433,12 +440,12 @@ class Trainer:
         return result
 
     def _result(self, status: str, message: str) -> TrainResult:
-        return TrainResult(status, self.position.global_step, self.plan.total_steps, self.lora_path,
+        return TrainResult(status, self.state.position.global_step, self.plan.total_steps, self.lora_path,
                            self.run_dir, self.last_checkpoint, message)
 
     def _start_info(self, resumed: bool) -> dict:
-        trainable = sum(p.numel() for _, p in self.named_params)
-        return {"resumed": resumed, "start_step": self.position.global_step,
+        trainable = sum(p.numel() for _, p in self.state.named_params)
+        return {"resumed": resumed, "start_step": self.state.position.global_step,
                 "total_steps": self.plan.total_steps, "epochs": self.plan.epochs_to_run,
                 "steps_per_epoch": self.plan.steps_per_epoch, "num_images": self.index.num_images,
                 "num_samples": self.index.num_samples, "data_unit": self.task.data_unit,
