@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_trainer"
 ALLOWED: dict[str, set[str]] = {
     "storage": set(),
     "config": {"storage"},
-    "data": set(),
+    "data": {"storage"},
     "diffusion": set(),
     "lora": {"storage"},
     "contracts": {"diffusion", "lora"},

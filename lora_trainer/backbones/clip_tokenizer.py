@@ -13,13 +13,14 @@ files and yields a 3-token vocabulary, so we always go through ``from_pretrained
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..storage.hashing import file_sha256
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP uses 49152 BPE tokens: 256 bytes + 256 bytes-with-</w> + the first 48,894 merges.
@@ -139,10 +140,6 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def default_cache_dir() -> Path:
     """Where generated tokenizer folders live unless the caller chooses: $LORA_TRAINER_CACHE or tmp."""
     base = os.environ.get("LORA_TRAINER_CACHE")
@@ -158,7 +155,7 @@ def cached_tokenizer_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     bpe_path = find_bpe_file()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = root / f"clip_tokenizer_{_file_sha256(bpe_path)[:16]}"
+    folder = root / f"clip_tokenizer_{file_sha256(bpe_path)[:16]}"
     if _is_complete(folder):
         return folder
     root.mkdir(parents=True, exist_ok=True)

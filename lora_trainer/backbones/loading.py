@@ -178,6 +178,23 @@ def family_for(info: ModelDescription):
     return _family_object(info.family, info.prediction_type)
 
 
+def _check_folder_weights(path: Path, parts: list[str]) -> None:
+    """Every model part of a diffusers folder must have safetensors weights. A part with only
+    .bin files is refused here, by name: those are pickles, which can run code when loaded, and
+    which this project never loads (from_pretrained also gets use_safetensors=True)."""
+    for part in parts:
+        folder = path / part
+        if any(folder.glob("*.safetensors")):
+            continue
+        pickles = sorted(f.name for f in folder.glob("*.bin"))
+        if pickles:
+            raise _load_error(f"base_model: {folder} holds only {', '.join(pickles)} (PyTorch pickle "
+                              "files, which can run code when loaded; this project loads safetensors "
+                              "only). Convert the folder to safetensors, or use a .safetensors "
+                              "single-file checkpoint")
+        raise _load_error(f"base_model: {folder} has no .safetensors weights")
+
+
 def _family_object(family: str, prediction_type: str):
     if family == "sd2" and prediction_type == "v_prediction":
         return SD2_V
@@ -241,6 +258,7 @@ def load_folder(path: str | Path, dtype=None, device="cpu") -> dict:
     path = Path(path)
     info = _describe_folder(path)
     log.info("%s: %s", path.name, info.summary())
+    _check_folder_weights(path, ["unet", "vae", *(name for name in _TEXT_ENCODERS if (path / name).is_dir())])
     dtype = dtype or torch.float32
     kwargs = dict(local_files_only=True, use_safetensors=True)
     try:

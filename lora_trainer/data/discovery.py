@@ -17,7 +17,6 @@ and the result types (`DatasetIndex`, `ImageRecord`, `DataError`) live in `datas
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections import Counter
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Dict, List, Tuple
 
+from ..storage.hashing import file_sha256
 from .caption_sources import (METADATA_FILE_NAME, _caption_for, _find_metadata_csv, _read_metadata_csv,
                               _warn_missing_captions)
 from .dataset_index import DataError, DatasetIndex, ImageRecord, _accepted_extensions, _some_names
@@ -225,17 +225,9 @@ def _plan_candidates(images: Dict[str, Path], csv_entries: Dict[str, Tuple[Path,
     return candidates
 
 
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _inspect(candidate: _Candidate, check_images: bool, max_pixels: int) -> ImageRecord:
     try:
-        sha256 = _sha256_of_file(candidate.path)
+        sha256 = file_sha256(candidate.path)
     except OSError as exc:
         raise UnreadableImage(candidate.path, f"cannot read file ({exc.strerror or exc})") from exc
     if check_images:

@@ -23,7 +23,7 @@ from .images import grid, save_png, to_pil
 from .lora_library import LoraLibrary, LoraNotFoundError
 from .networks import NetworkCache, build_network
 from .prompt_syntax import TRAINED_PLACEHOLDER, LoraTag, PreviewPrompt, parse_prompt_lines
-from .sampler import SAMPLER_LABELS, SampleSettings, render_image
+from .sampler import SAMPLER_LABELS, SampleSettings, negative_prompt_for, render_image
 
 log = logging.getLogger("lora_trainer")
 
@@ -90,18 +90,10 @@ class Previewer:
 
     # ---- settings -----------------------------------------------------------------------------------
     def settings_for(self, prompt: PreviewPrompt) -> SampleSettings:
-        cfg = self.cfg
-        # the VAE works in blocks of 8 pixels: other sizes are rounded down (as kohya does)
-        return SampleSettings(
-            steps=prompt.steps or cfg.preview_steps,
-            cfg_scale=cfg.preview_cfg_scale if prompt.cfg_scale is None else prompt.cfg_scale,
-            width=(prompt.width or cfg.preview_width or cfg.resolution) // 8 * 8,
-            height=(prompt.height or cfg.preview_height or cfg.resolution) // 8 * 8,
-            seed=cfg.preview_seed if prompt.seed is None else prompt.seed,
-            sampler=prompt.sampler or cfg.preview_sampler)
+        return SampleSettings.for_prompt(self.cfg, prompt)
 
     def negative_for(self, prompt: PreviewPrompt) -> str:
-        return self.cfg.preview_negative_prompt if prompt.negative is None else prompt.negative
+        return negative_prompt_for(self.cfg, prompt)
 
     # ---- rendering ----------------------------------------------------------------------------------
     def render(self, trainer, step: int) -> list[Path]:

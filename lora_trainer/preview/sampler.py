@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..contracts.backbone import Conditioning, DiffusionBackbone
+from .prompt_syntax import PreviewPrompt
 
 # SD1/SD2/SDXL all have 4 latent channels and a VAE that downsamples by 8.
 LATENT_CHANNELS = 4
@@ -29,6 +30,23 @@ class SampleSettings:
     height: int
     seed: int
     sampler: str
+
+    @classmethod
+    def for_prompt(cls, cfg, prompt: PreviewPrompt) -> SampleSettings:
+        """A prompt line's own options (--w, --h, --s, --d, --l, sampler) over the config's preview
+        settings. The one rule for our sampler and the WebUI's txt2img alike."""
+        # the VAE works in blocks of 8 pixels: other sizes are rounded down (as kohya does)
+        return cls(
+            steps=prompt.steps or cfg.preview_steps,
+            cfg_scale=cfg.preview_cfg_scale if prompt.cfg_scale is None else prompt.cfg_scale,
+            width=(prompt.width or cfg.preview_width or cfg.resolution) // 8 * 8,
+            height=(prompt.height or cfg.preview_height or cfg.resolution) // 8 * 8,
+            seed=cfg.preview_seed if prompt.seed is None else prompt.seed,
+            sampler=prompt.sampler or cfg.preview_sampler)
+
+
+def negative_prompt_for(cfg, prompt: PreviewPrompt) -> str:
+    return cfg.preview_negative_prompt if prompt.negative is None else prompt.negative
 
 
 def concat_conditioning(first: dict, second: dict) -> dict:

@@ -25,6 +25,7 @@ from typing import List, Mapping, Optional, Union
 import safetensors.torch
 import torch
 
+from .hashing import file_sha256
 from .atomic import (DiskFullError, fsync_dir, is_disk_full, json_bytes, safetensors_bytes,
                      write_file_synced)
 from .processes import pid_is_running
@@ -64,14 +65,6 @@ def checkpoint_dirname(step: int) -> str:
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _folder_size(path: Path) -> int:
@@ -217,9 +210,13 @@ class CheckpointStore:
         size = file.stat().st_size
         if size != expected.get("size"):
             return f"{file.name} is {size} bytes but the manifest says {expected.get('size')} (truncated?)"
-        if _file_sha256(file) != expected.get("sha256"):
+        if file_sha256(file) != expected.get("sha256"):
             return f"{file.name} checksum mismatch (the file is corrupted)"
         return None
+
+    def path_for(self, step: int) -> Path:
+        """Where the checkpoint of `step` is (or will be)."""
+        return self.checkpoints_dir / checkpoint_dirname(step)
 
     # (`list` below names this method inside the class: annotations there use typing.List)
     def list(self) -> list[CheckpointInfo]:

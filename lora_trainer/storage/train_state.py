@@ -5,7 +5,7 @@ Byte-identical resume needs ALL of: the four RNG states, the optimizer state map
 NAME (positions change when code changes, and same-shaped params would silently swap), the
 scheduler restored with load_state_dict (rebuilding with last_epoch=... is off by one), and the
 same thread count / mkldnn flag in both processes (oneDNN kernels are thread-count dependent).
-See /work/shared/reference/exact-resume-on-cpu.md for the experiment behind each rule.
+docs/ARCHITECTURE.md ("Why the loop is exactly resumable") says how the loop relies on them.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from ..preview.cards import write_card_preview
 from ..preview.images import grid, save_png
 from ..preview.prompt_syntax import (LORA_TAG_KINDS, TAG_PATTERN, TRAINED_PLACEHOLDER, PreviewPrompt,
                                      parse_lora_tag, parse_prompt_lines)
-from ..preview.sampler import SAMPLER_LABELS
+from ..preview.sampler import SAMPLER_LABELS, SampleSettings, negative_prompt_for
 from .env import WebuiEnv
 from .lora_state import clean_base_weights, invalidate_webui_lora_caches
 
@@ -125,16 +125,12 @@ class WebuiPreviewer:
             parse_lora_tag(arguments, match.group(0)).refers_to_trained(self.cfg.output_name)
 
     def processing_args(self, prompt: PreviewPrompt, without_trained: bool = False) -> dict:
-        cfg = self.cfg
+        settings = SampleSettings.for_prompt(self.cfg, prompt)
         return dict(
             prompt=self.prompt_text(prompt, without_trained),
-            negative_prompt=cfg.preview_negative_prompt if prompt.negative is None else prompt.negative,
-            steps=prompt.steps or cfg.preview_steps,
-            cfg_scale=cfg.preview_cfg_scale if prompt.cfg_scale is None else prompt.cfg_scale,
-            width=(prompt.width or cfg.preview_width or cfg.resolution) // 8 * 8,
-            height=(prompt.height or cfg.preview_height or cfg.resolution) // 8 * 8,
-            seed=cfg.preview_seed if prompt.seed is None else prompt.seed,
-            sampler_name=webui_sampler_name(prompt.sampler or cfg.preview_sampler),
+            negative_prompt=negative_prompt_for(self.cfg, prompt),
+            steps=settings.steps, cfg_scale=settings.cfg_scale, width=settings.width,
+            height=settings.height, seed=settings.seed, sampler_name=webui_sampler_name(settings.sampler),
             batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True)
 
     # ---- rendering --------------------------------------------------------------------------------------
