@@ -63,11 +63,11 @@ class DiffusersBackbone(DiffusionBackbone):
             scheduler_config.get("beta_start", 0.00085), scheduler_config.get("beta_end", 0.012),
             scheduler_config.get("num_train_timesteps", 1000),
             scheduler_config.get("beta_schedule", "scaled_linear"))
-        self.scaling_factor = vae.config.get("scaling_factor", 0.18215)
+        self.scaling_factor = vae.config.get("scaling_factor", family.latent_scale)
         self.device = torch.device(device)
         self.dtype = dtype
         # SDXL's time ids (original size, crop, target size) are part of the conditioning
-        self.conditioning_uses_sizes = family.name == "sdxl"
+        self.conditioning_uses_sizes = family.conditioning_uses_sizes
         for m in (unet, *self.text_encoders):
             m.to(self.device)
             # the loader already gave them this dtype; casting anyway makes diffusers warn

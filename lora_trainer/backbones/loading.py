@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..diffusion.families import FAMILIES, SD2_V
+from ..diffusion.families import FAMILIES, OPEN_CLIP, family_row
 from .safetensors_header import read_key_shapes  # noqa: F401  (public here since before)
 from .ldm_keys import (CheckpointKeyError, UnsupportedCheckpointError, detect_family_and_variant, layout_for,
                        ldm_to_components)
@@ -175,7 +175,7 @@ def _check_single_file(path: Path) -> None:
 
 def family_for(info: ModelDescription):
     """The Family (names, metadata, native resolution) of a described model."""
-    return _family_object(info.family, info.prediction_type)
+    return family_row(info.family, info.prediction_type)
 
 
 def _check_folder_weights(path: Path, parts: list[str]) -> None:
@@ -193,12 +193,6 @@ def _check_folder_weights(path: Path, parts: list[str]) -> None:
                               "only). Convert the folder to safetensors, or use a .safetensors "
                               "single-file checkpoint")
         raise _load_error(f"base_model: {folder} has no .safetensors weights")
-
-
-def _family_object(family: str, prediction_type: str):
-    if family == "sd2" and prediction_type == "v_prediction":
-        return SD2_V
-    return FAMILIES[family]
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -235,7 +229,7 @@ def load_single_file(path: str | Path, base_model_config: str | None = None, dty
     dtype = dtype or torch.float32
     _stream_into(models, index, plan, dtype, torch.device(device))
     parts = dict(models, scheduler_config=configs["scheduler"],
-                 family=_family_object(info.family, info.prediction_type),
+                 family=family_row(info.family, info.prediction_type),
                  source=str(path), source_hash=fingerprint_file(path), detected=info.summary(),
                  reload=_single_file_reloader(index, plan, dtype))
     parts.update(_tokenizers(info.config_folder, info.family))
@@ -278,7 +272,7 @@ def load_folder(path: str | Path, dtype=None, device="cpu") -> dict:
     for model in parts.values():
         model.to(device)
         model.eval()
-    parts.update(scheduler_config=configs["scheduler"], family=_family_object(info.family, info.prediction_type),
+    parts.update(scheduler_config=configs["scheduler"], family=family_row(info.family, info.prediction_type),
                  source=str(path), source_hash=_folder_fingerprint(path), detected=info.summary(),
                  reload=_folder_reloader(path, {name: type(parts[name]) for name in parts}, dtype))
     parts.update(_tokenizers(path, info.family))
@@ -387,10 +381,10 @@ def _stream_into(models: Mapping, index, plan: Mapping, dtype, device) -> None:
 def _tokenizers(folder: Path | None, family: str) -> dict:
     """tokenizer (+ tokenizer_2): the folder's files if it has them, else the built-in CLIP tokenizer
     with the family's padding (OpenCLIP encoders pad with "!", OpenAI CLIP with <|endoftext|>)."""
-    pads = {"tokenizer": OPEN_CLIP_PAD_TOKEN if family == "sd2" else EOS_TOKEN}
-    if family == "sdxl":
-        pads["tokenizer_2"] = OPEN_CLIP_PAD_TOKEN
-    return {name: _tokenizer(folder, name, pad) for name, pad in pads.items()}
+    kinds = FAMILIES[family].text_encoders
+    names = ("tokenizer", "tokenizer_2")[:len(kinds)]
+    return {name: _tokenizer(folder, name, OPEN_CLIP_PAD_TOKEN if kind == OPEN_CLIP else EOS_TOKEN)
+            for name, kind in zip(names, kinds)}
 
 
 def _tokenizer(folder: Path | None, subfolder: str, pad_token: str):

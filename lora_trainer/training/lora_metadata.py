@@ -52,7 +52,7 @@ def lora_metadata(trainer, output_name: str) -> dict:
         "ss_output_name": output_name,
         **network_metadata(trainer.network),
         "ss_base_model_version": family.ss_base_model_version,
-        "ss_v2": str(family.name == "sd2"),
+        "ss_v2": str(family.kohya_v2),
         "ss_sd_model_name": Path(identity.get("source", "")).name,
         "ss_sd_model_hash": identity.get("hash", ""),
         "ss_resolution": res,
@@ -92,8 +92,7 @@ def lora_metadata(trainer, output_name: str) -> dict:
         "ss_prediction_type": backbone.prediction_type,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.modelspec_architecture,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if family.name == "sdxl" else "diffusers",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": output_name,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime()),

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..contracts.backbone import DiffusionBackbone
-from ..diffusion.families import FAMILIES, SD2_V
+from ..diffusion.families import family_row
 from ..lora.kohya_names import webui_compvis_name
 from ..lora.mha import mha_projections
 from ..lora.targets import TEXT, LoraTarget, is_linear
@@ -112,8 +112,7 @@ class WebuiBackbone(DiffusionBackbone):
         if parameterization not in _PREDICTION_TYPES:
             raise ValueError(f"the loaded model predicts '{parameterization}'; only eps and v are supported")
         self.prediction_type = _PREDICTION_TYPES[parameterization]
-        family = FAMILIES[self.layout.family]
-        self.family = SD2_V if family.name == "sd2" and parameterization == "v" else family
+        self.family = family_row(self.layout.family, self.prediction_type)
         # the model's own schedule, not a per-generation override (fp16 downcast, zero terminal SNR)
         # that processing.py may have left in alphas_cumprod
         schedule = getattr(sd_model, "alphas_cumprod_original", None)
@@ -121,7 +120,7 @@ class WebuiBackbone(DiffusionBackbone):
             schedule = sd_model.alphas_cumprod
         self.alphas_cumprod = schedule.detach().to("cpu", torch.float32).clone()
         self.resolution = resolution
-        self.conditioning_uses_sizes = self.layout.conditioning_uses_sizes
+        self.conditioning_uses_sizes = self.family.conditioning_uses_sizes
         self._checkpointed: list[nn.Module] = []
         self._identity: dict | None = None
         self._names: NameTable | None = None

@@ -54,7 +54,6 @@ class WebuiLayout:
     family: str                        # "sd1" | "sd2" | "sdxl" (diffusion.families)
     unet_naming: str                   # "diffusers" | "ldm"
     text_encoders: tuple[TextEncoderLayout, ...]
-    conditioning_uses_sizes: bool      # SDXL's `vector` depends on the image size
     webui_is_sd2: bool                 # the flag the WebUI passes to its name conversion
 
     @property
@@ -65,15 +64,15 @@ class WebuiLayout:
 LAYOUTS = {
     "sd1": WebuiLayout("sd1", "diffusers",
                        (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "hf_clip"),),
-                       conditioning_uses_sizes=False, webui_is_sd2=False),
+                       webui_is_sd2=False),
     "sd2": WebuiLayout("sd2", "diffusers",
                        (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "open_clip",
                                           stops_at_layer_idx=True),),
-                       conditioning_uses_sizes=False, webui_is_sd2=True),
+                       webui_is_sd2=True),
     "sdxl": WebuiLayout("sdxl", "ldm",
                         (TextEncoderLayout("te1", "lora_te1", "conditioner.embedders.0.wrapped", "0_", "hf_clip"),
                          TextEncoderLayout("te2", "lora_te2", "conditioner.embedders.1.wrapped", "1_", "open_clip")),
-                        conditioning_uses_sizes=True, webui_is_sd2=False),
+                        webui_is_sd2=False),
 }
 
 
