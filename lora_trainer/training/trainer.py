@@ -18,7 +18,7 @@ from ..contracts.backbone import Backbone
 from ..lora.adapters import adapter_setup
 from ..lora.network import LoRANetwork
 from ..storage import train_state
-from ..storage.checkpoints import CheckpointStore
+from ..storage.checkpoints import CheckpointStore, checkpoint_dirname
 from . import resume as resume_mod
 from .distributed import SINGLE, DistContext
 from .control import ObserverGroup, StepReport, TrainingControl, TrainingObserver
@@ -224,7 +224,7 @@ class Trainer:
         output folder) or a crash between the two loses no training — the resume re-exports a
         LoRA that is missing or older than its checkpoint (_reexport_lora_if_behind)."""
         step = self.state.position.global_step
-        path = self.store.checkpoints_dir / f"checkpoint-{step:08d}"
+        path = self.store.path_for(step)
         if self.dist.is_main:
             tensor_files, state = self.state.state_dict()
             state.update(self._run_facts())
