@@ -65,6 +65,9 @@ class DiffusionBackbone(Backbone, Protocol):
     # optional: True when `encode_text` needs each sample's sizes (SDXL's `vector`), so the samples
     # pass them and cache conditioning per (caption, sizes) instead of per caption
     conditioning_uses_sizes: bool = False
+    # optional: encode images in VAE tiles of this many pixels (0: whole images); set by backbones
+    # that can tile, for the memory-lean caching pass
+    vae_tile_size: int = 0
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """[B,3,H,W] in [-1,1] -> scaled latents [B,C,H/8,W/8] (sampled with `generator`)."""

@@ -78,7 +78,7 @@ class SampleSource:
     def _cached_latent(self, record_idx: int) -> tuple[torch.Tensor, SizeInfo]:
         record = self.records[record_idx]
         bucket = self.buckets.per_record[record_idx]
-        tile = getattr(self.backbone, "vae_tile_size", 0)
+        tile = self.backbone.vae_tile_size
         # tiled latents differ from whole-image ones: their own entries (keys unchanged otherwise)
         tiling = {"vae_tile": tile} if tile and max(bucket) > tile else {}
         key = cache_key(kind="latent", image=record.sha256, bucket=bucket, crop="center",
@@ -124,7 +124,7 @@ class SampleSource:
         # the host is always in the key, so entries of versions that keyed only the model (where
         # the WebUI's and the headless embeddings could be mixed up) are never read again
         # half-precision text encoders give other embeddings than fp32 ones (keys of fp32 unchanged)
-        dtype = getattr(self.backbone, "dtype", torch.float32)
+        dtype = self.backbone.dtype
         precision = {"dtype": str(dtype)} if dtype != torch.float32 else {}
         key = cache_key(kind="text", caption=caption, sizes=self._text_key(caption, sizes)[1],
                         model=self.model_hash, host=self.text_host or "headless", **precision)
