@@ -26,7 +26,7 @@ def pid_is_running(pid: int) -> bool:
 def _windows_pid_exists(pid: int) -> bool:
     import ctypes
 
-    kernel32 = ctypes.windll.kernel32
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]  # (exists on Windows only)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
         return kernel32.GetLastError() == 5  # access denied: it exists, someone else's

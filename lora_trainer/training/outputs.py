@@ -15,6 +15,8 @@ LoRA over an existing file.
 """
 from __future__ import annotations
 
+from typing import AbstractSet
+
 import json
 import logging
 import os
@@ -63,7 +65,7 @@ def owned_run_ids(run_dir) -> set[str]:
     return {i for i in ids if isinstance(i, str) and i}
 
 
-def ensure_run_id(run_dir, earlier: set[str] = frozenset()) -> str:
+def ensure_run_id(run_dir, earlier: AbstractSet[str] = frozenset()) -> str:
     """The run folder's id, created (with `earlier` ids it took over) when the folder has none."""
     data = _read_run_file(run_dir)
     if isinstance(data.get("run_id"), str) and data["run_id"]:
