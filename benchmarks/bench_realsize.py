@@ -189,7 +189,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def weights_gib(model: str, base_dtype: str) -> float:
     """The loaded weights: UNet + text encoders in the base dtype, the VAE in fp32 (counts from the header)."""
-    from lora_trainer.monitor.memory_estimate import parameter_counts
+    from lora_trainer.app.memory_estimate import parameter_counts
 
     counts = parameter_counts(model)
     size = 4 if base_dtype == "fp32" else 2

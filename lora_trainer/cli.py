@@ -46,6 +46,7 @@ def _add_checkpoints(sub) -> None:
 # parser and sets `func`. Imported lazily per module so `lora-trainer train` never loads the UI.
 FEATURE_COMMANDS = [
     "lora_trainer.app.doctor",
+    "lora_trainer.app.check_data",
     "lora_trainer.datatools.commands",
     "lora_trainer.ui.app",
 ]

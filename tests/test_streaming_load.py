@@ -15,6 +15,7 @@ from lora_trainer.backbones.streaming import plan_from_meta, read_index
 from lora_trainer.backbones.tiny import build_models_from_configs, build_tiny
 from lora_trainer.backbones.tiny_configs import load_config_dicts, tiny_sd1_configs
 from lora_trainer.monitor import system
+from lora_trainer.backbones.memory import release_free_memory
 
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -98,7 +99,7 @@ def wide_file(tmp_path_factory):
 def _load_peak(load) -> tuple[int, object]:
     """(RSS high-water mark above the start, result) of ``load()``; freed heap is returned to the OS
     first so earlier tests' garbage cannot hide an allocation."""
-    system.release_free_memory()
+    release_free_memory()
     start = system.cpu_memory()["rss"]
     assert system.reset_peak_memory("cpu")
     result = load()

@@ -220,7 +220,7 @@ def memory_fit_check(cfg) -> Check:
 
     from ..backbones.loading import describe_model
     from .session import base_dtype, resolve_device
-    from ..monitor.memory_estimate import predict_memory
+    from .memory_estimate import predict_memory
 
     device = resolve_device(cfg.device)
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(base_dtype(cfg, device), "fp32")

@@ -125,7 +125,7 @@ class DiffusersBackbone(DiffusionBackbone):
                 continue
             parked.append(name)
         if parked:
-            from ..monitor.system import release_free_memory
+            from .memory import release_free_memory
 
             release_free_memory()
         return parked

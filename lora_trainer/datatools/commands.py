@@ -19,13 +19,14 @@ exit code: 0 when the report was written; with --strict, 1 if there are errors (
 
 
 def register(subparsers) -> None:
-    _register_check(subparsers)
+    """`label` only: `check-data` is registered by app.check_data, which picks the task's checker
+    (datatools/ knows image datasets, not tasks)."""
     _register_label(subparsers)
 
 
 # ---- check-data ----------------------------------------------------------------------------------
 
-def _register_check(subparsers) -> None:
+def register_check(subparsers, func) -> None:
     import argparse
 
     p = subparsers.add_parser(
@@ -47,18 +48,16 @@ def _register_check(subparsers) -> None:
                         "duplicates (default 6; 0 = only visually identical)")
     p.add_argument("--out", default="data-report", help="Folder for report.json and report.html "
                                                          "(default ./data-report)")
-    p.set_defaults(func=cmd_check_data)
+    p.set_defaults(func=func)
 
 
-def cmd_check_data(args) -> int:
+def check_image_dataset(args) -> int:
+    """check-data for an image dataset (a folder, or an SD training config)."""
     from ..data.discovery import DataError
     from .checks import CheckOptions
     from .full_check import check_dataset
     from .report import format_table, write_reports
 
-    lm_config = _causal_lm_config(args.target)
-    if lm_config is not None:
-        return _check_lm_data(lm_config, args)
     try:
         source = _check_source(args.target)
         config_resolution = source.pop("resolution", 512)
@@ -72,35 +71,6 @@ def cmd_check_data(args) -> int:
     print(format_table(result))
     print(f"Report: {paths['json']}  {paths['html']}")
     has_errors = any(f.severity == "error" for f in result.findings)
-    return 1 if args.strict and has_errors else 0
-
-
-def _causal_lm_config(target: str):
-    """The config when `target` is a causal_lm training config, else None."""
-    path = Path(target)
-    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
-        return None
-    from ..config import load_config
-
-    cfg = load_config(path)
-    return cfg if cfg.task_type == "causal_lm" else None
-
-
-def _check_lm_data(cfg, args) -> int:
-    """Token lengths, empty/duplicate samples, bad lines and template errors of a causal_lm dataset
-    (the base model's tokenizer is loaded; the model is not)."""
-    from ..tasks.causal_lm.check import format_report, full_check, write_report
-    from ..tasks.causal_lm.model import ModelFolderError
-    from ..tasks.causal_lm.records import LMDataError
-
-    try:
-        report = full_check(cfg)
-    except (LMDataError, ModelFolderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    print(f"Report: {write_report(report, args.out)}")
-    has_errors = any(f.severity == "error" for f in report["findings"])
     return 1 if args.strict and has_errors else 0
 
 

@@ -97,7 +97,7 @@ def predict_memory(cfg, family: str, dtype_name: str, device_type: str = "cpu") 
 
 def _cache_bytes(cfg, family: str) -> int:
     """In-memory latents and caption embeddings of the dataset (small next to the model)."""
-    from ..app.session import index_dataset
+    from .session import index_dataset
 
     try:
         images = index_dataset(cfg).num_images
