@@ -21,7 +21,7 @@ from lora_trainer.training import outputs
 from lora_trainer.training.control import TrainingControl, TrainingObserver
 from lora_trainer.training.outputs import (RUN_ID_KEY, LoraWriteFailed, OutputConflict, OutputNotWritable,
                                            preflight)
-from lora_trainer.training.session import train_from_config
+from lora_trainer.app.session import train_from_config
 
 from test_resume import StopAt, run_fault
 
