@@ -12,12 +12,13 @@ import torch
 
 from lora_trainer.config import load_config
 from lora_trainer.lora.kohya_file import file_layers, network_from_tensors, read_lora_file
-from lora_trainer.training.control import TrainingControl, TrainingObserver
+from lora_trainer.training.control import TrainingControl
 from lora_trainer.app.session import train_from_config
 from lora_trainer.webui import job
 from lora_trainer.webui.backbone import WebuiBackbone
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_resume import StopAt  # noqa: E402
 from webui_standin import StandInSD1, standin_env  # noqa: E402
 
 RUN = dict(max_train_steps=3, save_steps=1, learning_rate=2e-2, keep_last_n_checkpoints=5,
@@ -29,15 +30,6 @@ TYPES = {
 }
 MODULE = {"locon-dora": ("lycoris.kohya", "lora"), "loha": ("lycoris.kohya", "loha"),
           "lokr": ("lycoris.kohya", "lokr")}
-
-
-class StopAt(TrainingObserver):
-    def __init__(self, control, step):
-        self.control, self.step = control, step
-
-    def on_step(self, report):
-        if report.step == self.step:
-            self.control.request_stop("test stop")
 
 
 def train(cfg_path, stop_at=None, **overrides):

@@ -88,3 +88,16 @@ class WebuiEnv:
 
     def cmd_option(self, name: str, default=None):
         return getattr(self.cmd_opts, name, default) if self.cmd_opts is not None else default
+
+
+def refresh_lora_cards(env, networks) -> str:
+    """Make the WebUI (A1111 or Forge) list files just written: refresh the Lora cards page when the
+    UI has one, else rescan the Lora folder. Returns what was done, for the job's log line."""
+    page = next((p for p in env.extra_pages if getattr(p, "name", "") == "lora"), None)
+    if page is not None:
+        page.refresh()
+        return "refreshed the Lora cards"
+    if hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
+        return "rescanned the Lora folder"
+    return ""

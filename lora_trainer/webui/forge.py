@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .env import refresh_lora_cards
+
 log = logging.getLogger("lora_trainer")
 
 _FLOAT8 = {d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d}
@@ -200,13 +202,9 @@ def invalidate_forge_lora_caches(env, names=()) -> list[str]:
         done.append("dropped Forge's LoRA file cache")
     if env.sd_model is not None and is_forge_model(env.sd_model):
         env.sd_model.current_lora_hash = str([])
-    page = next((p for p in env.extra_pages if getattr(p, "name", "") == "lora"), None)
-    if page is not None:
-        page.refresh()
-        done.append("refreshed the Lora cards")
-    elif hasattr(networks, "list_available_networks"):
-        networks.list_available_networks()
-        done.append("rescanned the Lora folder")
+    refreshed = refresh_lora_cards(env, networks)
+    if refreshed:
+        done.append(refreshed)
     cls = getattr(env.processing, "StableDiffusionProcessing", None) if env.processing is not None else None
     if cls is not None:
         cls.cached_c = [None, None]

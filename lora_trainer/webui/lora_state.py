@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..lora import host
-from .env import WebuiEnv, is_a1111_networks
+from .env import WebuiEnv, is_a1111_networks, refresh_lora_cards
 
 log = logging.getLogger("lora_trainer")
 
@@ -243,13 +243,9 @@ def invalidate_webui_lora_caches(env: WebuiEnv | None = None, names=()) -> list[
     if networks is not None:
         for name in names:
             getattr(networks, "networks_in_memory", {}).pop(name, None)
-        page = next((p for p in env.extra_pages if getattr(p, "name", "") == "lora"), None)
-        if page is not None:
-            page.refresh()
-            done.append("refreshed the Lora cards")
-        elif hasattr(networks, "list_available_networks"):
-            networks.list_available_networks()
-            done.append("rescanned the Lora folder")
+        refreshed = refresh_lora_cards(env, networks)
+        if refreshed:
+            done.append(refreshed)
         if env.sd_model is not None and is_a1111_networks(networks):
             with torch.no_grad():
                 for module in _layers(env.sd_model):
