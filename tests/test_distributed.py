@@ -37,19 +37,31 @@ def torchrun(script_args, nproc=2, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_two_processes_match_one_process_with_the_same_effective_batch(make_config):
-    # 12 samples, batch 2: 2 ranks x accumulation 1 == 1 process x accumulation 2
-    multi = make_config("multi", gradient_accumulation_steps=1, **RUN)
+def train_two_ways(make_config, run: dict):
+    """The same run by 2 processes x accumulation 1 (torchrun) and 1 process x accumulation 2.
+    Returns (the torchrun result, its config, its LoRA tensors + metadata, the 1-process result and
+    tensors)."""
+    multi = make_config("multi", gradient_accumulation_steps=1, **run)
     proc = torchrun(["-m", "lora_trainer", "train", "--config", str(multi), "--quiet"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = train_from_config(load_config(make_config("single", gradient_accumulation_steps=2, **RUN)))
+    single = train_from_config(load_config(make_config("single", gradient_accumulation_steps=2, **run)))
     cfg = load_config(multi)
     lora_multi, meta = read_lora_file(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors")
     lora_single, _ = read_lora_file(single.lora_path)
-    assert meta["ss_total_batch_size"] == "4" and meta["ss_steps"] == str(single.step) == "6"
+    return proc, cfg, lora_multi, meta, single, lora_single
+
+
+def assert_same_lora(lora_multi, lora_single):
     for k in lora_single:
         a, b = lora_multi[k].double(), lora_single[k].double()
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (k, (a - b).abs().max())
+
+
+def test_two_processes_match_one_process_with_the_same_effective_batch(make_config):
+    # 12 samples, batch 2: 2 ranks x accumulation 1 == 1 process x accumulation 2
+    proc, cfg, lora_multi, meta, single, lora_single = train_two_ways(make_config, RUN)
+    assert meta["ss_total_batch_size"] == "4" and meta["ss_steps"] == str(single.step) == "6"
+    assert_same_lora(lora_multi, lora_single)
     # only rank 0 wrote: every message once in the log, every checkpoint valid
     log = (Path(cfg.run_dir) / "logs" / "train.log").read_text()
     assert log.count("event checkpoint") == 3
@@ -78,15 +90,7 @@ def test_two_processes_train_a_lycoris_type_like_one_process(make_config):
     """The adapter types need nothing of their own for multi-process training (LoKr + DoRA here:
     the parameters with the most unusual shapes)."""
     run = dict(RUN, epochs=1, adapter_type="lokr", dora=True, lora_rank=2, target_modules="locon")
-    multi = make_config("multi", gradient_accumulation_steps=1, **run)
-    proc = torchrun(["-m", "lora_trainer", "train", "--config", str(multi), "--quiet"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = train_from_config(load_config(make_config("single", gradient_accumulation_steps=2, **run)))
-    cfg = load_config(multi)
-    lora_multi, meta = read_lora_file(Path(cfg.output_dir) / f"{cfg.output_name}.safetensors")
-    lora_single, _ = read_lora_file(single.lora_path)
+    _, _, lora_multi, meta, _, lora_single = train_two_ways(make_config, run)
     assert any(k.endswith(".lokr_w1") for k in lora_single) and any(k.endswith(".dora_scale") for k in lora_single)
     assert lora_multi.keys() == lora_single.keys() and meta["ss_steps"] == "3"
-    for k in lora_single:
-        a, b = lora_multi[k].double(), lora_single[k].double()
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (k, (a - b).abs().max())
+    assert_same_lora(lora_multi, lora_single)

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "webui"))
-from webui_harness import _free_port, http, install_extension  # noqa: E402
+from webui_harness import _free_port, install_extension, launch_server, stop_server  # noqa: E402
 
 FORGE_DIR = os.environ.get("LORA_TRAINER_FORGE_DIR")
 SKIP_REASON = ("real-Forge suite: set LORA_TRAINER_FORGE_DIR to a Stable Diffusion WebUI Forge checkout "
@@ -57,7 +55,6 @@ def app_started(_demo, app):
 
 script_callbacks.on_app_started(app_started)
 '''
-STARTED_LINE = "Startup time:"
 
 
 def forge_python(root: Path) -> str:
@@ -92,37 +89,14 @@ def prepare_forge_data(data: Path) -> dict:
 def start_forge(prepared: dict, log_path: Path) -> dict:
     root = Path(FORGE_DIR)
     port = _free_port()
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [forge_python(root), "launch.py", "--always-cpu", "--skip-torch-cuda-test", "--skip-prepare-environment",
-         "--skip-install", "--skip-version-check", "--no-download-sd-model", "--api",
-         "--data-dir", str(prepared["data"]), "--port", str(port)],
-        cwd=root, env=prepared["env"], stdout=log, stderr=subprocess.STDOUT)
-    server = {"process": process, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}"}
-    deadline = time.time() + float(os.environ.get("LORA_TRAINER_WEBUI_TIMEOUT", "300"))
-    try:
-        while STARTED_LINE not in log_path.read_text(errors="replace"):
-            if process.poll() is not None:
-                raise RuntimeError(f"Forge exited ({process.returncode}):\n{log_path.read_text()[-5000:]}")
-            if time.time() > deadline:
-                raise RuntimeError(f"Forge did not come up:\n{log_path.read_text()[-5000:]}")
-            time.sleep(0.5)
-        http("GET", server["url"] + "/sdapi/v1/sd-models", timeout=60)
-        return server
-    except BaseException:
-        stop_forge(server)
-        raise
+    command = [forge_python(root), "launch.py", "--always-cpu", "--skip-torch-cuda-test",
+               "--skip-prepare-environment", "--skip-install", "--skip-version-check",
+               "--no-download-sd-model", "--api", "--data-dir", str(prepared["data"]), "--port", str(port)]
+    return launch_server(command, root, prepared["env"], port, log_path, "Forge")
 
 
 def stop_forge(server: dict, kill: bool = False) -> None:
-    process = server["process"]
-    process.kill() if kill else process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=30)
-    server["log"].close()
+    stop_server(server, kill)
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from webui_harness import (SKIP_REASON, WEBUI_DIR, _free_port, _webui_python, http,  # noqa: E402
-                           install_extension)
+from webui_harness import (SKIP_REASON, WEBUI_DIR, _free_port, _webui_python,  # noqa: E402
+                           install_extension, launch_server, stop_server)
 
 
 @pytest.fixture(scope="session")
@@ -58,46 +57,17 @@ def prepare_webui_data(data: Path) -> dict:
             "dataset": write_dataset(data / "dataset", count=6, size=64)}
 
 
-# what webui.py prints after the API routes and every extension's app_started callback exist
-STARTED_LINE = "Startup time:"
-
-
 def start_webui(root: Path, python: str, data: Path, log_path: Path, env: dict,
                 extra_args: tuple = ()) -> dict:
     """A WebUI server on a free port over `data` (--data-dir), up and answering with every route
     (the test harness's too); a second one over the same folder is what a restart sees.
     `extra_args`: more command-line flags (e.g. --medvram)."""
     port = _free_port()
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [python, "launch.py", "--data-dir", str(data), "--use-cpu", "all", "--no-half", "--precision",
-         "full", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
-         "--skip-version-check", "--no-download-sd-model", "--api", "--port", str(port), *extra_args],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = {"process": process, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}"}
-    deadline = time.time() + float(os.environ.get("LORA_TRAINER_WEBUI_TIMEOUT", "300"))
-    try:
-        # No request before the start-up line: one that lands between the WebUI's setup_middleware()
-        # and create_api() builds starlette's middleware stack, and the WebUI then dies with
-        # "Cannot add middleware after an application has started".
-        while STARTED_LINE not in log_path.read_text(errors="replace"):
-            if process.poll() is not None:
-                raise RuntimeError(f"the WebUI exited ({process.returncode}):\n{log_path.read_text()[-5000:]}")
-            if time.time() > deadline:
-                raise RuntimeError(f"the WebUI did not come up:\n{log_path.read_text()[-5000:]}")
-            time.sleep(0.5)
-        http("GET", server["url"] + "/sdapi/v1/sd-models", timeout=60)
-        return server
-    except BaseException:
-        stop_webui(server)
-        raise
+    command = [python, "launch.py", "--data-dir", str(data), "--use-cpu", "all", "--no-half", "--precision",
+               "full", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
+               "--skip-version-check", "--no-download-sd-model", "--api", "--port", str(port), *extra_args]
+    return launch_server(command, root, env, port, log_path, "the WebUI")
 
 
 def stop_webui(server: dict) -> None:
-    process = server["process"]
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    server["log"].close()
+    stop_server(server)

@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -247,3 +249,42 @@ def harness_train(url: str, dataset, **values) -> dict:
                   resume=False, preview_prompts=[], write_card=False)
     config.update(values)
     return http("POST", url + "/lora_trainer_test/train", config)
+
+
+# what webui.py (A1111 and Forge alike) prints after the API routes and every extension's
+# app_started callback exist
+STARTED_LINE = "Startup time:"
+
+
+def launch_server(command: list, cwd: Path, env: dict, port: int, log_path: Path, what: str) -> dict:
+    """Start a WebUI-like server (`command` listens on `port`) and wait until it answers with every
+    route. No request goes out before the start-up line: one that lands between the WebUI's
+    setup_middleware() and create_api() builds starlette's middleware stack, and the WebUI then dies
+    with "Cannot add middleware after an application has started"."""
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = {"process": process, "log": log, "log_path": log_path, "url": f"http://127.0.0.1:{port}"}
+    deadline = time.time() + float(os.environ.get("LORA_TRAINER_WEBUI_TIMEOUT", "300"))
+    try:
+        while STARTED_LINE not in log_path.read_text(errors="replace"):
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited ({process.returncode}):\n{log_path.read_text()[-5000:]}")
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} did not come up:\n{log_path.read_text()[-5000:]}")
+            time.sleep(0.5)
+        http("GET", server["url"] + "/sdapi/v1/sd-models", timeout=60)
+        return server
+    except BaseException:
+        stop_server(server)
+        raise
+
+
+def stop_server(server: dict, kill: bool = False) -> None:
+    process = server["process"]
+    process.kill() if kill else process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+    server["log"].close()
