@@ -12,6 +12,7 @@ A target is normally the Linear / Conv2d itself (`AdapterHost` adds each adapter
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 _HOST_ATTR = "_lora_trainer_host"
@@ -29,7 +30,7 @@ class LinearSlot:
         self.in_features, self.out_features = in_features, out_features
 
     @property
-    def weight(self):
+    def weight(self) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:

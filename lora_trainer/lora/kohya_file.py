@@ -69,11 +69,12 @@ def load_into_network(network: LoRANetwork, tensors: dict[str, torch.Tensor], so
     """Copy a file into a network with the same layers, type and shapes (incremental training);
     alphas come from the file."""
     layers = file_layers(tensors)
-    classes = {name: cls for name, cls in layer_types(tensors).items() if name in network.adapters}
-    if any(cls is None for cls in classes.values()):
-        name = next(n for n, cls in classes.items() if cls is None)
-        raise LoraFileError(f"init_lora_from {source}: layer {name} has keys {sorted(layers[name])}, not a "
+    found = {name: cls for name, cls in layer_types(tensors).items() if name in network.adapters}
+    unknown = next((name for name, cls in found.items() if cls is None), None)
+    if unknown is not None:
+        raise LoraFileError(f"init_lora_from {source}: layer {unknown} has keys {sorted(layers[unknown])}, not a "
                             "LoRA, LoHa or LoKr layout this trainer supports")
+    classes = {name: cls for name, cls in found.items() if cls is not None}   # all of them, by now
     file_type = _type_of({(cls.kind, "dora_scale" in layers[n]) for n, cls in classes.items()})
     run_type = _type_of({(network.adapters[n].kind, network.adapters[n].has_dora) for n in classes})
     if classes and file_type != run_type:

@@ -27,7 +27,9 @@ SLOTS = ("q", "k", "v", "out")
 class MultiheadAttentionHost(AdapterHost):
     """Instance `forward` of an `nn.MultiheadAttention` with LoRA adapters on its projections."""
 
-    def __init__(self, module: nn.Module):
+    module: nn.MultiheadAttention   # built only as MhaProjection's host_class, over its module
+
+    def __init__(self, module: nn.MultiheadAttention):
         super().__init__(module)
         self._inside = False
 
@@ -70,6 +72,7 @@ class MhaProjection(LinearSlot):
     `nn.MultiheadAttention`, as a Linear-shaped LoRA target."""
 
     host_class = MultiheadAttentionHost
+    module: nn.MultiheadAttention
 
     def __init__(self, module: nn.MultiheadAttention, slot: str):
         if slot not in SLOTS:

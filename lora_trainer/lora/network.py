@@ -8,7 +8,9 @@ original bytes from a backup, not W - dW, so a round trip never drifts).
 """
 from __future__ import annotations
 
+from collections.abc import ItemsView, Mapping, ValuesView
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -28,6 +30,25 @@ def conv_spec(spec: AdapterSpec, conv_rank: int | None, conv_alpha: float | None
                    (spec.alpha if conv_rank is None else None))
 
 
+class AdapterDict(nn.ModuleDict):
+    """Layer name -> Adapter. A ModuleDict, so the network's parameter names stay
+    `adapters.<layer>.<parameter>` (checkpoints store them by name); typed, because nn.ModuleDict
+    hands out plain Modules and the callers need the Adapter base class. The casts hold because
+    the constructor is the only writer and takes Adapters only."""
+
+    def __init__(self, adapters: Mapping[str, Adapter]):
+        super().__init__(adapters)
+
+    def __getitem__(self, key: str) -> Adapter:
+        return cast(Adapter, super().__getitem__(key))
+
+    def items(self) -> ItemsView[str, Adapter]:
+        return cast("ItemsView[str, Adapter]", super().items())
+
+    def values(self) -> ValuesView[Adapter]:
+        return cast("ValuesView[Adapter]", super().values())
+
+
 class LoRANetwork(nn.Module):
     def __init__(self, targets: list[LoraTarget], rank: int = 8, alpha: float | None = None,
                  conv_rank: int | None = None, conv_alpha: float | None = None, *,
@@ -40,7 +61,7 @@ class LoRANetwork(nn.Module):
             spec = spec or AdapterSpec("lora", rank, alpha)
             convs = conv_spec(spec, conv_rank, conv_alpha)
             adapters = {t.name: build_adapter(t.module, convs if t.is_conv3x3 else spec) for t in targets}
-        self.adapters = nn.ModuleDict(adapters)
+        self.adapters = AdapterDict(adapters)
         self._attached = False
         self._merged_backup: dict[str, torch.Tensor] = {}
 
@@ -73,14 +94,14 @@ class LoRANetwork(nn.Module):
         if self._merged_backup:
             raise RuntimeError("network is already merged")
         for name, adapter in self.adapters.items():
-            weight = self.targets[name].module.weight
+            weight = self.targets[name].weight
             self._merged_backup[name] = weight.detach().clone()
             weight.add_(adapter.delta_weight().to(weight.device, weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
         for name, original in self._merged_backup.items():
-            self.targets[name].module.weight.copy_(original)
+            self.targets[name].weight.copy_(original)
         self._merged_backup.clear()
 
     # ---- parameters -----------------------------------------------------------------------------------

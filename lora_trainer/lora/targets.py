@@ -6,8 +6,12 @@ a preset is just the set of roles it trains.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 from torch import nn
+
+from .host import LinearSlot
 
 # role of a layer inside the UNet
 ATTENTION = "attn"          # to_q / to_k / to_v / to_out.0
@@ -48,13 +52,20 @@ def transformer_block_role(path: str) -> str | None:
 @dataclass(frozen=True)
 class LoraTarget:
     name: str            # kohya layer name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    module: nn.Module    # the live base layer (Linear or Conv2d)
+    module: nn.Module | LinearSlot   # the live base layer (Linear or Conv2d, or a part of a fused one)
     component: str       # "unet", "te" (SD1/SD2), "te1"/"te2" (SDXL), "lm" (a causal language model)
     role: str
 
     @property
     def is_text_encoder(self) -> bool:
         return self.component in TEXT_ENCODER_COMPONENTS
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The live base weight (a view into the fused weight for a LinearSlot). The cast: every
+        target is a Linear, a Conv2d, a Linear in all but class (is_linear) or a LinearSlot, and all
+        of them have a tensor `weight`; nn.Module's __getattr__ cannot say so."""
+        return cast(torch.Tensor, self.module.weight)
 
     @property
     def is_conv3x3(self) -> bool:

@@ -53,6 +53,9 @@ class Adapter(nn.Module):
     file_keys: ClassVar[dict[str, str]] = {}
     # the keys that identify a layer of this variant in a file
     signature: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # registered in __init__ / _add_dora (declared here: nn.Module's __getattr__ types them loosely)
+    alpha: torch.Tensor
+    dora_scale: nn.Parameter    # only when has_dora
 
     def __init__(self, base, spec: AdapterSpec):
         super().__init__()
@@ -125,7 +128,7 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.delta()
         x = x.to(weight.dtype)
-        if self.is_conv:
+        if self.conv_args is not None:   # set exactly when the base is a Conv2d
             return F.conv2d(x, weight, None, **self.conv_args)
         return F.linear(x, weight)
 

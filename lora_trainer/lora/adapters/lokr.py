@@ -28,7 +28,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     divides `dimension` gives (factor, dimension // factor) ordered; otherwise the pair with m as
     large as allowed (m <= factor when factor > 0) while m + n keeps shrinking."""
     if factor > 0 and dimension % factor == 0:
-        return tuple(sorted((factor, dimension // factor)))
+        small, large = sorted((factor, dimension // factor))
+        return small, large
     limit = dimension if factor < 0 else factor
     m, n = 1, dimension
     candidate = 2

@@ -18,6 +18,8 @@ class LoRAAdapter(Adapter):
     kind = "lora"
     file_keys = {"lora_down.weight": "down.weight", "lora_up.weight": "up.weight"}
     signature = (("lora_down.weight", "lora_up.weight"),)
+    down: nn.Conv2d | nn.Linear
+    up: nn.Conv2d | nn.Linear
 
     def __init__(self, base, spec: AdapterSpec):
         super().__init__(base, spec)
