@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, add_config_arguments, load_config, overrides_from_args
+from .diffusion.families import FAMILIES
 
 
 def _add_train(sub) -> None:
@@ -27,7 +28,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="Build a tiny model and dataset offline and train on them.")
     p.add_argument("--workdir", default="demo", help="Folder for the demo model, data, config and output "
                                                       "(default ./demo)")
-    p.add_argument("--family", default="sd1", choices=("sd1", "sd2", "sdxl"),
+    p.add_argument("--family", default="sd1", choices=tuple(FAMILIES),
                    help="Model family of the tiny model (default sd1)")
     p.add_argument("--task", default="sd", choices=("sd", "causal_lm"),
                    help="sd: a tiny Stable Diffusion model and images (default); causal_lm: a tiny "

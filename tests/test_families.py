@@ -99,3 +99,19 @@ def test_demo_builds_and_trains_each_family(family, tmp_path):
 
     assert main(["demo", "--workdir", str(tmp_path / family), "--family", family, "--quiet"]) == 0
     assert (tmp_path / family / "models" / "Lora" / f"demo_{family}.safetensors").exists()
+
+
+
+def test_the_family_table_is_the_one_list_of_families():
+    """The demo's --family choices and the WebUI's name layouts come from diffusion.families: a row
+    added there is offered by the demo and needs only its places in the WebUI's model."""
+    from lora_trainer.cli import build_parser
+    from lora_trainer.diffusion.families import FAMILIES
+    from lora_trainer.webui import names
+
+    parser = build_parser()
+    for family in FAMILIES:
+        assert parser.parse_args(["demo", "--family", family]).family == family
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--family", "sd3"])
+    assert set(names.LAYOUTS) == set(FAMILIES)

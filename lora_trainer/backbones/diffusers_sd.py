@@ -14,7 +14,7 @@ import torch
 from ..lora.targets import PROJECTION, RESNET, SAMPLER, TEXT, LoraTarget, transformer_block_role
 from ..contracts.backbone import DiffusionBackbone
 from ..diffusion.objective import alphas_cumprod_from_schedule
-from ..diffusion.families import Family
+from ..diffusion.families import LDM_NAMES, Family
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,8 @@ class DiffusersBackbone(DiffusionBackbone):
     def lora_targets(self) -> list[LoraTarget]:
         targets = [LoraTarget(self._unet_kohya_name(path), module, "unet", role)
                    for path, module in self.unet.named_modules() if (role := unet_role(path, module))]
-        components = ("te",) if len(self.text_encoders) == 1 else ("te1", "te2")
-        for component, prefix, encoder in zip(components, self.family.text_encoder_prefixes,
-                                              self.text_encoders):
+        for component, prefix, encoder in zip(self.family.text_encoder_components,
+                                              self.family.text_encoder_prefixes, self.text_encoders):
             for path, module in encoder.named_modules():
                 if isinstance(module, torch.nn.Linear) and ".layers." in path:
                     # kohya names use the HF path with the `text_model.` level (newer transformers drop it)
@@ -222,7 +221,7 @@ class DiffusersBackbone(DiffusionBackbone):
 
     def _unet_kohya_name(self, path: str) -> str:
         """kohya's native naming: diffusers paths for SD1/SD2, SGM (LDM) paths for SDXL."""
-        if self.family.name == "sdxl":
+        if self.family.unet_naming == LDM_NAMES:
             from .ldm_keys import unet_ldm_module_name
             path = unet_ldm_module_name(path, self.unet.config)
         return "lora_unet_" + path.replace(".", "_")

@@ -59,9 +59,6 @@ num_threads: 2
 """
 
 
-DEMO_FAMILIES = ("sd1", "sd2", "sdxl")
-
-
 def prepare_demo(workdir: Path, family: str = "sd1") -> Path:
     from ..backbones import tiny
 

@@ -4,7 +4,8 @@ The WebUI (A1111 v1.10) names every layer of `shared.sd_model` after its LDM mod
 replaced by underscores (its `network_layer_mapping`): `diffusion_model_input_blocks_1_1_proj_in`,
 `transformer_text_model_encoder_layers_0_mlp_fc1`, SDXL's text encoders with an `0_` / `1_` prefix.
 A LoRA file names the same layers the kohya way. Which kohya spelling we write is a per-family
-choice, kept here as data (`LAYOUTS`):
+choice, kept as data: the family table (diffusion.families: UNet naming, each text encoder's kohya
+prefix and CLIP kind) plus, here, where the WebUI's model keeps each text encoder (`LAYOUTS`):
 
 - SD1 / SD2 UNet: the diffusers-style name (`lora_unet_down_blocks_0_attentions_0_proj_in`), so a
   LoRA trained in the WebUI is byte-for-byte the file the headless trainer writes, and every loader
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..diffusion.families import DIFFUSERS_NAMES, FAMILIES, OPEN_CLIP, OPENAI_CLIP
 from ..lora.kohya_names import kohya_name, ldm_path_to_kohya_diffusers, webui_candidate_names
 from ..lora.targets import PROJECTION, RESNET, SAMPLER, is_linear, transformer_block_role
 
@@ -36,12 +38,10 @@ from ..lora.targets import PROJECTION, RESNET, SAMPLER, is_linear, transformer_b
 
 
 @dataclass(frozen=True)
-class TextEncoderLayout:
-    component: str      # LoraTarget.component: "te" (SD1/SD2), "te1" / "te2" (SDXL)
-    kohya_prefix: str   # lora_te / lora_te1 / lora_te2
+class TextEncoderPlace:
+    """Where one text encoder sits in the WebUI's model: what the family table cannot know."""
     root: str           # attribute path from the WebUI model to the module the WebUI names layers in
     webui_prefix: str   # "" (SD1/SD2) or "0_" / "1_" (SDXL embedders)
-    style: str          # "hf_clip" (transformers CLIPTextModel) | "open_clip"
     # LDM's FrozenOpenCLIPEmbedder (SD2) runs its resblocks only up to `len - layer_idx` (with
     # "penultimate", all but the last): the layers after it are never run, get no gradient and are
     # not targets (diffusers' SD2 text encoder, the headless trainer's, does not have them either).
@@ -50,9 +50,29 @@ class TextEncoderLayout:
 
 
 @dataclass(frozen=True)
+class TextEncoderLayout:
+    component: str      # LoraTarget.component: "te" (SD1/SD2), "te1" / "te2" (SDXL)
+    kohya_prefix: str   # lora_te / lora_te1 / lora_te2
+    clip_kind: str      # diffusion.families OPENAI_CLIP (transformers CLIPTextModel) | OPEN_CLIP
+    place: TextEncoderPlace
+
+    @property
+    def root(self) -> str:
+        return self.place.root
+
+    @property
+    def webui_prefix(self) -> str:
+        return self.place.webui_prefix
+
+    @property
+    def stops_at_layer_idx(self) -> bool:
+        return self.place.stops_at_layer_idx
+
+
+@dataclass(frozen=True)
 class WebuiLayout:
     family: str                        # "sd1" | "sd2" | "sdxl" (diffusion.families)
-    unet_naming: str                   # "diffusers" | "ldm"
+    unet_naming: str                   # diffusion.families DIFFUSERS_NAMES | LDM_NAMES
     text_encoders: tuple[TextEncoderLayout, ...]
     webui_is_sd2: bool                 # the flag the WebUI passes to its name conversion
 
@@ -61,18 +81,24 @@ class WebuiLayout:
         return "model.diffusion_model"
 
 
+def webui_layout(family: str, places: tuple[TextEncoderPlace, ...], webui_is_sd2: bool) -> WebuiLayout:
+    """The layout of `family`: its row's UNet naming and text encoders (prefix, component, CLIP
+    kind), each at its place in the WebUI's model."""
+    row = FAMILIES[family]
+    if len(places) != len(row.text_encoders):
+        raise ValueError(f"{family} has {len(row.text_encoders)} text encoders, {len(places)} places given")
+    encoders = tuple(TextEncoderLayout(component, prefix, kind, place) for component, prefix, kind, place
+                     in zip(row.text_encoder_components, row.text_encoder_prefixes, row.text_encoders, places))
+    return WebuiLayout(family, row.unet_naming, encoders, webui_is_sd2)
+
+
 LAYOUTS = {
-    "sd1": WebuiLayout("sd1", "diffusers",
-                       (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "hf_clip"),),
-                       webui_is_sd2=False),
-    "sd2": WebuiLayout("sd2", "diffusers",
-                       (TextEncoderLayout("te", "lora_te", "cond_stage_model.wrapped", "", "open_clip",
-                                          stops_at_layer_idx=True),),
-                       webui_is_sd2=True),
-    "sdxl": WebuiLayout("sdxl", "ldm",
-                        (TextEncoderLayout("te1", "lora_te1", "conditioner.embedders.0.wrapped", "0_", "hf_clip"),
-                         TextEncoderLayout("te2", "lora_te2", "conditioner.embedders.1.wrapped", "1_", "open_clip")),
-                        webui_is_sd2=False),
+    "sd1": webui_layout("sd1", (TextEncoderPlace("cond_stage_model.wrapped", ""),), webui_is_sd2=False),
+    "sd2": webui_layout("sd2", (TextEncoderPlace("cond_stage_model.wrapped", "", stops_at_layer_idx=True),),
+                        webui_is_sd2=True),
+    "sdxl": webui_layout("sdxl", (TextEncoderPlace("conditioner.embedders.0.wrapped", "0_"),
+                                  TextEncoderPlace("conditioner.embedders.1.wrapped", "1_")),
+                         webui_is_sd2=False),
 }
 
 
@@ -113,7 +139,7 @@ def ldm_unet_role(path: str, module: nn.Module) -> str | None:
 
 def unet_kohya_name(ldm_path: str, layout: WebuiLayout) -> str:
     """kohya name of an LDM UNet layer (`path` relative to `diffusion_model`)."""
-    if layout.unet_naming == "diffusers":
+    if layout.unet_naming == DIFFUSERS_NAMES:
         return ldm_path_to_kohya_diffusers(ldm_path)
     return "lora_unet_" + ldm_path.replace(".", "_")
 
@@ -134,7 +160,7 @@ _OPEN_CLIP_TO_HF = {"c_fc": "fc1", "c_proj": "fc2"}
 def text_encoder_kohya_name(path: str, encoder: TextEncoderLayout) -> str | None:
     """kohya name of a text-encoder Linear (`path` relative to the encoder's WebUI root), or None if
     it is not a LoRA target (embeddings, projections, open_clip attention)."""
-    if encoder.style == "hf_clip":
+    if encoder.clip_kind == OPENAI_CLIP:
         hf_path = path[len("transformer."):] if path.startswith("transformer.") else path
         if ".layers." not in "." + hf_path:
             return None
@@ -148,7 +174,7 @@ def text_encoder_kohya_name(path: str, encoder: TextEncoderLayout) -> str | None
 def open_clip_attention_kohya_names(path: str, encoder: TextEncoderLayout) -> dict[str, str] | None:
     """{slot: kohya name} of the q/k/v/out projections of an OpenCLIP resblock's attention
     (`model.transformer.resblocks.3.attn`), or None if `path` is not one."""
-    m = _OPEN_CLIP_ATTN.match(path) if encoder.style == "open_clip" else None
+    m = _OPEN_CLIP_ATTN.match(path) if encoder.clip_kind == OPEN_CLIP else None
     if not m:
         return None
     return {slot: f"{encoder.kohya_prefix}_text_model_encoder_layers_{m.group(1)}_self_attn_{slot}_proj"
