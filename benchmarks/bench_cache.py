@@ -25,7 +25,7 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time
 t0 = float(sys.argv[2])
-from lora_trainer.config import load_config
+from lora_trainer.app.run_config import load_run_config
 from lora_trainer.training.control import TrainingObserver
 from lora_trainer.app.session import train_from_config
 
@@ -36,7 +36,7 @@ class Clock(TrainingObserver):
         self.times.append(time.time())
 
 clock = Clock()
-cfg = load_config(sys.argv[1])
+cfg = load_run_config(sys.argv[1])
 train_from_config(cfg, observers=[clock])
 steady = clock.times[2:]
 rate = (len(steady) - 1) * cfg.batch_size / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")

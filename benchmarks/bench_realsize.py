@@ -117,7 +117,7 @@ def build_file(family: str) -> Path:
 
 def worker(args) -> None:
     t0 = time.perf_counter()
-    from lora_trainer.config import load_config
+    from lora_trainer.app.run_config import load_run_config
     from lora_trainer.training.control import TrainingObserver
     from lora_trainer.app.session import train_from_config
 
@@ -135,7 +135,7 @@ def worker(args) -> None:
 
     imported = time.perf_counter() - t0
     steps = Steps()
-    result = train_from_config(load_config(args.worker), observers=[steps])
+    result = train_from_config(load_run_config(args.worker), observers=[steps])
     log_text = (Path(result.run_dir) / "logs" / "train.log").read_text()
     print(RESULT_PREFIX + json.dumps({"status": result.status, "imports_s": imported, "steps_at": steps.done_at,
                                       "first_step_begins_s": steps.started_at,

@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, add_config_arguments, load_config, overrides_from_args
+from .app.run_config import load_run_config
+from .config import ConfigError, add_config_arguments, overrides_from_args
 from .diffusion.families import FAMILIES
 
 
@@ -89,7 +90,7 @@ def run_with_signals(cfg, quiet: bool, force_resume: bool = False):
 
 
 def cmd_train(args) -> int:
-    cfg = load_config(args.config, overrides_from_args(args))
+    cfg = load_run_config(args.config, overrides_from_args(args))
     result = run_with_signals(cfg, args.quiet, args.force_resume)
     if result.status == "stopped":
         print(f"Resume with: lora-trainer train --config {args.config}")
@@ -105,7 +106,7 @@ def cmd_demo(args) -> int:
     else:
         config_path = prepare_demo(Path(args.workdir), family=args.family)
     print(f"Demo model, data and config written to {config_path.parent}")
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     result = run_with_signals(cfg, args.quiet)
     print(f"Rerun with: lora-trainer train --config {config_path}")
     return 0 if result.status in ("finished", "already_finished") else 130

@@ -121,16 +121,3 @@ def test_load_peak_is_at_most_1_2_times_the_loaded_weights(wide_file, dtype):
         peak, _ = _load_peak(lambda: {k: v.float() for k, v in load_file(str(wide_file)).items()})
         assert peak > 1.3 * weights
 
-
-# ---- what the header alone decides ---------------------------------------------------------------
-
-def test_a_config_without_resolution_gets_the_family_default(sdxl_file, tmp_path, shapes_dataset):
-    from support import write_config
-
-    from lora_trainer.config import load_config
-
-    path = write_config(tmp_path / "xl", base_model=sdxl_file, train_data_dir=shapes_dataset)
-    text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("resolution:"))
-    path.write_text(text + "\n")
-    assert load_config(path).resolution == 1024   # SDXL never trains at 512 by accident
-    assert load_config(path, {"resolution": 512}).resolution == 512   # a given value wins

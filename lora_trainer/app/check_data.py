@@ -14,21 +14,21 @@ def register(subparsers) -> None:
 
 
 def cmd_check_data(args) -> int:
-    lm_config = _causal_lm_config(args.target)
-    if lm_config is not None:
-        return _check_lm_data(lm_config, args)
-    return check_image_dataset(args)
+    cfg = _training_config(args.target)
+    if cfg is not None and cfg.task_type == "causal_lm":
+        return _check_lm_data(cfg, args)
+    return check_image_dataset(args, cfg)
 
 
-def _causal_lm_config(target: str):
-    """The config when `target` is a causal_lm training config, else None."""
+def _training_config(target: str):
+    """The config when `target` is a training config (an SD one at its model's native resolution
+    when it names none), else None (a dataset folder)."""
     path = Path(target)
     if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
         return None
-    from ..config import load_config
+    from .run_config import load_run_config
 
-    cfg = load_config(path)
-    return cfg if cfg.task_type == "causal_lm" else None
+    return load_run_config(path)
 
 
 def _check_lm_data(cfg, args) -> int:

@@ -327,9 +327,9 @@ def render(checks: list[Check]) -> str:
 
 
 def cmd_doctor(args) -> int:
-    from ..config import load_config
+    from .run_config import load_run_config
 
-    cfg = load_config(args.config) if args.config else None
+    cfg = load_run_config(args.config) if args.config else None
     folders = ([("run_dir", cfg.run_path), ("output_dir", Path(cfg.output_dir))] if cfg
                else [("cwd", Path(os.getcwd()))])
     checks = environment_report(folders)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import yaml
 
@@ -37,6 +37,11 @@ REQUIRED_KEYS: dict[str, str] = {
 }
 
 PATH_KINDS_THAT_MUST_EXIST = ("dir", "file", "dir_or_file")
+
+# (base_model, base_model_config) -> the model's native training size, or None when it cannot be
+# told. config/ reads no model files (backbones/ sits above it): the composition root passes the
+# reader in (app/run_config.py), and an SD config without `resolution` trains at that size.
+NativeResolution = Callable[[str, Optional[str]], Optional[int]]
 EFFECTIVE_CONFIG_NAME = "config.yaml"
 
 
@@ -162,10 +167,13 @@ def _file_order(problems: list[tuple[str, str]], raw: Mapping) -> list[tuple[str
 
 
 def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
-                     required: Iterable[str] = tuple(REQUIRED_KEYS)) -> TrainConfig:
+                     required: Iterable[str] = tuple(REQUIRED_KEYS),
+                     native_resolution: Optional[NativeResolution] = None) -> TrainConfig:
     """Validate a plain dict (e.g. from the UI) into a TrainConfig; relative paths use base_dir.
 
-    `required` lets the WebUI drop base_model (it trains on the loaded model).
+    `required` lets the WebUI drop base_model (it trains on the loaded model). `native_resolution`
+    gives an SD config that does not name `resolution` its model's native size (without it: the
+    schema default); a run's config comes through app.run_config, which passes it.
     """
     if not isinstance(d, Mapping):
         raise ConfigError(source, [("", f"the config must be a mapping of key: value, "
@@ -183,9 +191,11 @@ def config_from_dict(d: Mapping[str, Any], base_dir, source: str = "<ui>", *,
     problems += [] if problems else _adapter_problems(values) + _precision_problems(values)
     if problems:
         raise ConfigError(source, _file_order(problems, d))
-    if "resolution" not in d and values.get("base_model") and values["task_type"] == "sd":
-        values["resolution"] = _family_resolution(values["base_model"], values.get("base_model_config"),
-                                                  values["resolution"])
+    if (native_resolution is not None and "resolution" not in d and values.get("base_model")
+            and values["task_type"] == "sd"):
+        native = native_resolution(values["base_model"], values.get("base_model_config"))
+        if native is not None:
+            values["resolution"] = native
     if values["run_dir"] is None:
         # Next to the YAML rather than in output_dir: the WebUI lists everything in models/Lora.
         values["run_dir"] = resolve_path(os.path.join("runs", values["output_name"]), base_dir)
@@ -204,20 +214,6 @@ def _adapter_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         problems.append(("lokr_factor", f"only applies to adapter_type: lokr (this is "
                                         f"{values['adapter_type']}); remove it or set adapter_type: lokr"))
     return problems
-
-
-def _family_resolution(base_model: str, base_model_config: Optional[str], fallback: int) -> int:
-    """A config that does not name `resolution` trains at the model family's native size (SDXL
-    1024, SD2-768-v 768, SD1/SD2-base 512): an SDXL model must not train at 512 by accident. Read
-    from the file's header (no weights, no torch); an unreadable model keeps the schema default
-    and is reported by the loader."""
-    from ..backbones.loading import describe_model, family_for
-
-    try:
-        info = describe_model(base_model, base_model_config)
-    except Exception:   # noqa: BLE001 - the model load names the problem with its field
-        return fallback
-    return family_for(info).default_resolution
 
 
 def _precision_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -297,13 +293,16 @@ def _read_yaml_mapping(path: Path, source: str) -> dict:
     return data
 
 
-def load_config(path, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """Read a YAML config, apply overrides (e.g. CLI flags; they win) and validate everything."""
+def load_config(path, overrides: Optional[Mapping[str, Any]] = None, *,
+                native_resolution: Optional[NativeResolution] = None) -> TrainConfig:
+    """Read a YAML config, apply overrides (e.g. CLI flags; they win) and validate everything
+    (`native_resolution`: see config_from_dict)."""
     path = Path(os.path.expanduser(str(path)))
     source = str(path)
     raw = _read_yaml_mapping(path, source)
     merged = {**raw, **_absolutize_override_paths(overrides or {})}
-    return config_from_dict(merged, base_dir=path.absolute().parent, source=source)
+    return config_from_dict(merged, base_dir=path.absolute().parent, source=source,
+                            native_resolution=native_resolution)
 
 
 def cfg_warnings(cfg: TrainConfig) -> list[str]:
@@ -367,8 +366,8 @@ def write_effective_config(cfg: TrainConfig, run_dir=None) -> Path:
 
 
 __all__ = [
-    "ConfigChange", "ConfigError", "EFFECTIVE_CONFIG_NAME", "FieldSpec", "GROUPS", "REQUIRED_KEYS",
-    "ValueProblem", "applies_to", "cfg_warnings", "coerce_value", "config_diff", "config_from_dict", "config_hash",
-    "config_to_dict", "describe_range", "dump_config", "field_specs", "load_config", "resolve_path",
-    "write_effective_config",
+    "ConfigChange", "ConfigError", "EFFECTIVE_CONFIG_NAME", "FieldSpec", "GROUPS", "NativeResolution",
+    "REQUIRED_KEYS", "ValueProblem", "applies_to", "cfg_warnings", "coerce_value", "config_diff",
+    "config_from_dict", "config_hash", "config_to_dict", "describe_range", "dump_config", "field_specs",
+    "load_config", "resolve_path", "write_effective_config",
 ]

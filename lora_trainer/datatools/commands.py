@@ -51,15 +51,16 @@ def register_check(subparsers, func) -> None:
     p.set_defaults(func=func)
 
 
-def check_image_dataset(args) -> int:
-    """check-data for an image dataset (a folder, or an SD training config)."""
+def check_image_dataset(args, cfg=None) -> int:
+    """check-data for an image dataset: the folder `args.target`, or the dataset of `cfg` (the
+    training config `args.target` names, loaded by the caller: app.check_data)."""
     from ..data.discovery import DataError
     from .checks import CheckOptions
     from .full_check import check_dataset
     from .report import format_table, write_reports
 
     try:
-        source = _check_source(args.target)
+        source = _check_source(args.target, cfg)
         config_resolution = source.pop("resolution", 512)
         options = CheckOptions(resolution=args.resolution or config_resolution)
         _apply_overrides(options, args)
@@ -74,13 +75,9 @@ def check_image_dataset(args) -> int:
     return 1 if args.strict and has_errors else 0
 
 
-def _check_source(target: str) -> dict:
-    """check_dataset arguments for a folder or a config file."""
-    path = Path(target)
-    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
-        from ..config import load_config
-
-        cfg = load_config(path)
+def _check_source(target: str, cfg) -> dict:
+    """check_dataset arguments for a config's dataset, or for the folder `target`."""
+    if cfg is not None:
         return dict(train_data_dir=cfg.train_data_dir, metadata_path=cfg.metadata_path,
                     caption_extension=cfg.caption_extension, default_repeats=cfg.repeats,
                     resolution=cfg.resolution)

@@ -47,9 +47,10 @@ def register(subparsers) -> None:
 def _initial_values(config_path):
     if not config_path:
         return None
-    from ..config import config_to_dict, load_config
+    from ..app.run_config import load_run_config
+    from ..config import config_to_dict
 
-    return config_to_dict(load_config(config_path))
+    return config_to_dict(load_run_config(config_path))
 
 
 def create_app(defaults=None, base_dir=None):

@@ -1,7 +1,7 @@
 """The config schema as a form: one component per TrainConfig field, and the conversions between a
 TrainConfig and the components' values.
 
-The form holds exactly a config: `form_to_dict` gives the raw dict `config_from_dict` validates
+The form holds exactly a config: `form_to_dict` gives the raw dict `run_config_from_dict` validates
 (so the UI, the YAML files and the CLI share every rule and message), `config_to_values` fills
 the form from a config. Component kinds, from the field metadata (config/schema.py):
 
@@ -23,7 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ..config import GROUPS, REQUIRED_KEYS, ConfigError, FieldSpec, config_from_dict, config_to_dict
+from ..app.run_config import run_config_from_dict
+from ..config import GROUPS, REQUIRED_KEYS, ConfigError, FieldSpec, config_to_dict
 from ..config.load import describe_range, field_specs
 
 ELEM_PREFIX = "lora_trainer_"
@@ -146,7 +147,7 @@ _OMIT = object()
 
 def from_component_value(spec: FieldSpec, value: Any, required: Iterable[str] = ()) -> Any:
     """The raw config value (as YAML would give it) for a component value; `_OMIT` for "use the
-    field's default". Validation is left to config_from_dict."""
+    field's default". Validation is left to run_config_from_dict."""
     kind = kind_of(spec)
     if kind == "checkbox":
         return bool(value)
@@ -199,7 +200,7 @@ class Form:
         raw = self.to_dict(values)
         if builder is not None:
             return builder(raw)
-        return config_from_dict(raw, base_dir=base_dir, source="the form", required=self.required)
+        return run_config_from_dict(raw, base_dir=base_dir, source="the form", required=self.required)
 
 
 def form_to_dict(values: Sequence[Any], names: Sequence[str], required: Iterable[str] = ()) -> dict:

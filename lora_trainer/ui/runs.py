@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..config import EFFECTIVE_CONFIG_NAME, load_config
+from ..app.run_config import load_run_config, run_config_from_dict
+from ..config import EFFECTIVE_CONFIG_NAME
 from ..storage.checkpoints import CHECKPOINTS_DIRNAME, CheckpointStore
 
 COLUMNS = ["Run", "Step", "Loss", "Saved"]
@@ -97,11 +98,10 @@ def resume_config(run_dir, required: Optional[Iterable[str]] = None):
 
 
 def load_config_file(path, required: Optional[Iterable[str]] = None):
-    """`load_config(path)`, or with other `required` keys than the config's own (a run's
+    """`load_run_config(path)`, or with other `required` keys than the config's own (a run's
     config.yaml or a preset written inside the WebUI, where base_model is optional)."""
     if required is None:
-        return load_config(path)
-    from ..config import config_from_dict
+        return load_run_config(path)
     from ..config.load import _read_yaml_mapping
 
     path = Path(path)
@@ -111,4 +111,5 @@ def load_config_file(path, required: Optional[Iterable[str]] = None):
     # given it would be refused as an "empty path" and the run could never be resumed
     raw = {k: v for k, v in raw.items()
            if not (k not in required and k in _BLANK_MEANS_DEFAULT and isinstance(v, str) and not v.strip())}
-    return config_from_dict(raw, base_dir=path.absolute().parent, source=str(path), required=tuple(required))
+    return run_config_from_dict(raw, base_dir=path.absolute().parent, source=str(path),
+                                required=tuple(required))

@@ -50,7 +50,7 @@ class TabSettings:
     base_dir: Path = dataclasses.field(default_factory=Path.cwd)   # relative paths in the form
     required: tuple = tuple(REQUIRED_KEYS)
     runs_folder: Optional[Path] = None
-    # raw form dict -> TrainConfig (raises ConfigError); default: config_from_dict
+    # raw form dict -> TrainConfig (raises ConfigError); default: app.run_config.run_config_from_dict
     config_builder: Optional[Callable[[dict], Any]] = None
     # (task id, config JSON) -> (result JSON, HTML) for the hidden API button (WebUI mode)
     json_handler_factory: Optional[Callable[[], Callable]] = None

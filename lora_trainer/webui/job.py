@@ -119,7 +119,7 @@ def build_webui_config(values: dict, env: WebuiEnv):
     """A TrainConfig from the tab's values, completed with the WebUI's defaults (output and LoRA
     folders, preview settings, the loaded checkpoint as base_model). Relative paths are relative to
     the extension folder, so the default run_dir is `<extension>/runs/<output_name>`."""
-    from ..config import config_from_dict
+    from ..app.run_config import run_config_from_dict
     from .guard import webui_rules
 
     rules = webui_rules(env)
@@ -133,7 +133,7 @@ def build_webui_config(values: dict, env: WebuiEnv):
         filename = getattr(getattr(env.sd_model, "sd_checkpoint_info", None), "filename", None)
         if filename and Path(filename).exists():
             merged["base_model"] = filename
-    cfg = config_from_dict(merged, base_dir=extension_dir(), source="<webui>", required=("train_data_dir",))
+    cfg = run_config_from_dict(merged, base_dir=extension_dir(), source="<webui>", required=("train_data_dir",))
     # the defaults too (run_dir = runs/<output_name>); reads here are the server's own choices
     rules.check_config(cfg, "<webui>", reads=False)
     return cfg
