@@ -5,7 +5,7 @@ layout. diffusers splits it into UNet / VAE / text encoder with different module
 mapping is generated from the diffusers *configs* (block_out_channels, layers_per_block, block
 types), so the same code serves the tiny test models and the real SD1.5 / SD2 / SDXL.
 
-  layouts.py        family layouts as data (prefixes, text-encoder style), key errors
+  layouts.py        family layouts as data (prefixes; text-encoder kinds from the family table), key errors
   tables.py         rename tables for the UNet and VAE; module names for LoRA targets
   text_encoders.py  HF CLIP and OpenCLIP (fused q/k/v) conversion
   convert.py        whole state dicts: components_to_ldm / ldm_to_components (+ SD1-shaped wrappers)

@@ -1,8 +1,11 @@
-"""Family layouts as data: where each component lives in a single-file checkpoint."""
+"""Family layouts as data: where each component lives in a single-file checkpoint (what each text
+encoder is comes from the family table, diffusion.families)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ...diffusion.families import FAMILIES
 
 # ---------------------------------------------------------------------------------------------
 # Family layouts (data)
@@ -15,10 +18,10 @@ class TextEncoderSlot:
 
     component: str  # the diffusers component it becomes: "text_encoder" or "text_encoder_2"
     prefix: str  # where its keys live in the single file
-    # "hf_clip": a transformers CLIPTextModel state dict under the prefix (SD1, SDXL's first
-    # embedder). "open_clip": an open_clip text tower (SD2, SDXL's second embedder), converted
-    # to/from transformers' CLIPTextModel(WithProjection) layout.
-    style: str
+    # the family row's CLIP kind: OPENAI_CLIP, a transformers CLIPTextModel state dict under the
+    # prefix (SD1, SDXL's first embedder); OPEN_CLIP, an open_clip text tower (SD2, SDXL's second
+    # embedder), converted to/from transformers' CLIPTextModel(WithProjection) layout.
+    clip_kind: str
     # SD2: the WebUI runs the OpenCLIP tower up to its *penultimate* resblock (then ln_final), so
     # diffusers ships SD2's text encoder with 23 of the file's 24 layers. The checkpoint's last
     # resblock (and its text_projection, which only the dropped pooled path uses) is therefore
@@ -43,15 +46,16 @@ class CheckpointLayout:
     def text_encoder_prefix(self) -> str:
         return self.text_encoders[0].prefix
 
-    @property
-    def text_encoder_style(self) -> str:
-        return self.text_encoders[0].style
-
     def slot(self, component: str) -> TextEncoderSlot:
         for slot in self.text_encoders:
             if slot.component == component:
                 return slot
         raise KeyError(f"the {self.family} layout has no {component}")
+
+
+def _slot(family: str, index: int, component: str, prefix: str, drops_last_layer: bool = False) -> TextEncoderSlot:
+    """Text encoder `index` of `family`, at `prefix` in the file, of the kind its family row says."""
+    return TextEncoderSlot(component, prefix, FAMILIES[family].text_encoders[index], drops_last_layer)
 
 
 _LDM_SCHEDULE_BUFFERS = (
@@ -65,7 +69,7 @@ SD1_LAYOUT = CheckpointLayout(
     family="sd1",
     unet_prefix="model.diffusion_model.",
     vae_prefix="first_stage_model.",
-    text_encoders=(TextEncoderSlot("text_encoder", "cond_stage_model.transformer.", "hf_clip"),),
+    text_encoders=(_slot("sd1", 0, "text_encoder", "cond_stage_model.transformer."),),
     ignored_prefixes=("model_ema.", "first_stage_model.loss."),
     ignored_keys=_LDM_SCHEDULE_BUFFERS,
 )
@@ -74,7 +78,7 @@ SD2_LAYOUT = CheckpointLayout(
     family="sd2",
     unet_prefix="model.diffusion_model.",
     vae_prefix="first_stage_model.",
-    text_encoders=(TextEncoderSlot("text_encoder", "cond_stage_model.model.", "open_clip", drops_last_layer=True),),
+    text_encoders=(_slot("sd2", 0, "text_encoder", "cond_stage_model.model.", drops_last_layer=True),),
     ignored_prefixes=("model_ema.", "first_stage_model.loss."),
     ignored_keys=_LDM_SCHEDULE_BUFFERS,
 )
@@ -84,8 +88,8 @@ SDXL_LAYOUT = CheckpointLayout(
     unet_prefix="model.diffusion_model.",
     vae_prefix="first_stage_model.",
     text_encoders=(
-        TextEncoderSlot("text_encoder", "conditioner.embedders.0.transformer.", "hf_clip"),
-        TextEncoderSlot("text_encoder_2", "conditioner.embedders.1.model.", "open_clip"),
+        _slot("sdxl", 0, "text_encoder", "conditioner.embedders.0.transformer."),
+        _slot("sdxl", 1, "text_encoder_2", "conditioner.embedders.1.model."),
     ),
     ignored_prefixes=("model_ema.", "first_stage_model.loss."),
     # SGM's DiffusionEngine keeps its discretisation as a buffer: a state_dict() of the live

@@ -6,23 +6,24 @@ import functools
 import re
 from typing import Iterable, Mapping
 
+from ...diffusion.families import OPEN_CLIP, OPENAI_CLIP
 from .layouts import _CLIP_POSITION_IDS, CheckpointKeyError, TextEncoderSlot, _raise_on_mismatch
 
 def _text_encoder_to_ldm(te_sd: Mapping, slot: TextEncoderSlot) -> dict:
-    if slot.style == "hf_clip":
+    if slot.clip_kind == OPENAI_CLIP:
         return _hf_clip_to_ldm(te_sd, slot.prefix)
-    if slot.style == "open_clip":
+    if slot.clip_kind == OPEN_CLIP:
         return {slot.prefix + key: tensor for key, tensor in open_clip_from_hf(te_sd).items()}
-    raise NotImplementedError(f"text encoder style {slot.style!r} is not implemented")
+    raise NotImplementedError(f"text encoder kind {slot.clip_kind!r} is not implemented")
 
 
 def _text_encoder_from_ldm(te_part: Mapping, slot: TextEncoderSlot, te_config: Mapping | None,
                            keep_text_model_level: bool | None) -> tuple[dict, dict]:
-    if slot.style == "hf_clip":
+    if slot.clip_kind == OPENAI_CLIP:
         if keep_text_model_level is None:
             keep_text_model_level = installed_clip_keeps_text_model_level(False)
         return _hf_clip_from_ldm(te_part, slot.prefix, keep_text_model_level), {}
-    if slot.style == "open_clip":
+    if slot.clip_kind == OPEN_CLIP:
         with_projection = _config_has_projection(te_config)
         if with_projection is None:
             # No config: SDXL's OpenCLIP is a CLIPTextModelWithProjection, SD2's a CLIPTextModel.
@@ -36,7 +37,7 @@ def _text_encoder_from_ldm(te_part: Mapping, slot: TextEncoderSlot, te_config: M
         if not keep_text_model_level:
             te_sd = {key.removeprefix("text_model."): tensor for key, tensor in te_sd.items()}
         return te_sd, extras
-    raise NotImplementedError(f"text encoder style {slot.style!r} is not implemented")
+    raise NotImplementedError(f"text encoder kind {slot.clip_kind!r} is not implemented")
 
 
 def _config_has_projection(te_config: Mapping | None) -> bool | None:
