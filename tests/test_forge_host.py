@@ -1,6 +1,6 @@
 """The Forge host (lora_trainer.webui.forge*) against a Forge stand-in (tests/forge_standin.py).
 
-The real Forge is exercised by hand (docs/forge.md); here: a job on Forge's model objects trains,
+The real Forge: tests/forge (docs/forge.md). Here: a job on Forge's model objects trains,
 takes the LoRA patches of an earlier generation off first, hands the model back bit-identical with
 inference-tensor weights as Forge made them, and refuses what cannot be trained.
 """
@@ -111,3 +111,21 @@ def test_a_written_lora_is_reread_by_forge(env, forge_model):
     assert env.networks.load_lora_state_dict.cache_info().currsize == 0
     assert forge_model.current_lora_hash == str([])
     assert "cleared the conditioning cache" in done
+
+
+@pytest.mark.parametrize("storage,computation,mixed_precision", [
+    (torch.bfloat16, torch.float32, "no"),     # Forge on the CPU: 16-bit storage, each weight cast to fp32
+    (torch.float16, torch.float16, "fp16"),    # Forge on a GPU: the LoRA trains in Forge's computation dtype
+    (torch.bfloat16, torch.float16, "fp16"),
+    (torch.float32, torch.float32, "no"),
+])
+def test_mixed_precision_follows_the_dtype_forge_computes_in(make_config, tmp_path, env, forge_model, storage,
+                                                             computation, mixed_precision):
+    from lora_trainer.webui.forge_backbone import ForgeBackbone
+
+    unet = forge_model.forge_objects_original.unet.model
+    unet.storage_dtype, unet.computation_dtype = storage, computation
+    backbone = ForgeBackbone(forge_model, memory_management=env.memory_management)
+    prepared = job.prepare_config(cfg(make_config, tmp_path), env, backbone)
+    assert backbone.compute_dtype == computation
+    assert prepared.mixed_precision == mixed_precision

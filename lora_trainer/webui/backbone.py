@@ -108,6 +108,9 @@ class WebuiBackbone(DiffusionBackbone):
         weight = _first_param(self.unet)
         self.device = compute_device(env, weight)
         self.dtype = weight.dtype
+        # what the model computes in; mixed precision follows it (Forge may store 16-bit weights
+        # and compute in fp32: it casts each weight as it uses it)
+        self.compute_dtype = self.dtype
         parameterization = getattr(sd_model, "parameterization", "eps")
         if parameterization not in _PREDICTION_TYPES:
             raise ValueError(f"the loaded model predicts '{parameterization}'; only eps and v are supported")
@@ -286,13 +289,13 @@ class WebuiBackbone(DiffusionBackbone):
 
     def _half_precision_autocast(self):
         """fp16/bf16 LDM weights need autocast (their time embedding is computed in fp32)."""
-        if self.dtype == torch.float32 or self.device.type != "cuda":
+        if self.compute_dtype == torch.float32 or self.device.type != "cuda":
             return contextlib.nullcontext()
         try:
             enabled = torch.is_autocast_enabled(self.device.type)
         except TypeError:   # older torch: no device argument
             enabled = torch.is_autocast_enabled()
-        return contextlib.nullcontext() if enabled else torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext() if enabled else torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,6 @@ calls into the model, which go through Forge's own objects:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -44,7 +43,7 @@ class ForgeBackbone(WebuiBackbone):
         self.memory_management = memory_management
         super().__init__(model_view(sd_model), env=env, resolution=resolution)
         unet, _, _ = forge_parts(sd_model)
-        self.computation_dtype = getattr(unet.model, "computation_dtype", self.dtype)
+        self.compute_dtype = getattr(unet.model, "computation_dtype", self.dtype)
         self.autograd = AutogradWeights(self.model)   # entered by the job around training
         self._norms: list = []
 
@@ -101,7 +100,7 @@ class ForgeBackbone(WebuiBackbone):
 
     def runtime_settings(self):
         settings = super().runtime_settings()
-        settings.update(host="forge", attention="forge default", computation_dtype=str(self.computation_dtype))
+        settings.update(host="forge", attention="forge default", computation_dtype=str(self.compute_dtype))
         return settings
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -124,17 +123,12 @@ class ForgeBackbone(WebuiBackbone):
     def predict(self, noisy_latents, timesteps, cond) -> torch.Tensor:
         unet, _, _ = forge_parts(self.forge_model)
         self._load(unet)
-        dtype = self.computation_dtype
+        dtype = self.compute_dtype
         x = noisy_latents.to(self.device, dtype)
         t = timesteps.to(self.device).float()
         c = cond["crossattn"].to(self.device, dtype)
         with self._half_precision_autocast():
             return self.unet(x, t, context=c).float()
-
-    def _half_precision_autocast(self):
-        if self.computation_dtype == torch.float32 or self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return super()._half_precision_autocast()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

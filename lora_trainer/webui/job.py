@@ -107,11 +107,16 @@ def prepare_config(cfg, env: WebuiEnv, backbone: WebuiBackbone):
     """What the WebUI decides for a job: outputs outside the Lora scan, precision of the loaded model."""
     check_run_dir(cfg.run_dir, env)
     changes = {}
-    if backbone.dtype in (torch.float16, torch.bfloat16) and cfg.mixed_precision == "no":
+    compute = backbone.compute_dtype
+    if compute in (torch.float16, torch.bfloat16) and cfg.mixed_precision == "no":
         # the loaded weights are half precision and are trained in place (no fp32 copy)
-        changes["mixed_precision"] = "fp16" if backbone.dtype == torch.float16 else "bf16"
-        log.info("the WebUI model is %s: training with mixed_precision %s", backbone.dtype,
-                 changes["mixed_precision"])
+        changes["mixed_precision"] = "fp16" if compute == torch.float16 else "bf16"
+        log.info("the WebUI model is %s and computes in %s: training with mixed_precision %s",
+                 backbone.dtype, compute, changes["mixed_precision"])
+    elif compute != backbone.dtype:
+        # Forge on the CPU: 16-bit storage, fp32 computation (each weight cast as it is used)
+        log.info("the WebUI model is %s and Forge computes in %s: training in place with mixed_precision "
+                 "%s (the LoRA in fp32)", backbone.dtype, compute, cfg.mixed_precision)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
