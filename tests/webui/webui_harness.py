@@ -225,14 +225,18 @@ PREVIEW_LIKE_TXT2IMG = dict(preview_steps=4, preview_width=64, preview_height=64
                             preview_sampler="euler", preview_cfg_scale=7, preview_negative_prompt="")
 
 
-def txt2img(url: str, prompt: str, steps: int = 4, seed: int = 1, cfg_scale: float = 7, size: int = 64):
-    """The WebUI's txt2img through its API, with the settings the previews in these tests use."""
+def txt2img(url: str, prompt: str, steps: int = 4, seed: int = 1, cfg_scale: float = 7, size: int = 64,
+            task_id: str | None = None):
+    """The WebUI's txt2img through its API, with the settings the previews in these tests use.
+    `task_id`: the id its progress is reported under (`/internal/progress`), as the page sets it."""
     import base64
     import io
 
     payload = {"prompt": prompt, "negative_prompt": "", "steps": steps, "width": size, "height": size,
                "seed": seed, "sampler_name": "Euler", "cfg_scale": cfg_scale, "batch_size": 1,
                "send_images": True, "save_images": False}
+    if task_id is not None:
+        payload["force_task_id"] = task_id
     result = http("POST", url + "/sdapi/v1/txt2img", payload)
     return pixels(io.BytesIO(base64.b64decode(result["images"][0])))
 
