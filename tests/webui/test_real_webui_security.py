@@ -1,9 +1,13 @@
 """The issue's outside attacks against a real A1111 v1.10.1 started with --listen (and without
 --enable-insecure-extension-access): the gradio JSON route and the tab's Save/Load preset called by
 fn_index, with outside folders, traversal in names and files whose content must not come back.
-Skipped without LORA_TRAINER_WEBUI_DIR (see conftest.py); one WebUI server of its own."""
+Skipped without LORA_TRAINER_WEBUI_DIR (see conftest.py); one WebUI server of its own.
+
+The same tests run against a real Forge (tests/forge/test_real_forge_security.py imports them with
+its own `listening` fixture, built with `listening_site`), so each works on gradio 3 and 4."""
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -18,23 +22,35 @@ pytestmark = pytest.mark.skipif(not WEBUI_DIR, reason=SKIP_REASON)
 SECRET = "secret-first-line-do-not-echo"
 
 
+@contextlib.contextmanager
+def listening_site(tmp_path_factory, prepared: dict, start, stop):
+    """What the attacks need: a server from `start(extra_args)` with --listen over `prepared`
+    (its data folder, extension, dataset) and a folder outside everything the server may use."""
+    outside = tmp_path_factory.mktemp("outside-home")
+    (outside / "notes.csv").write_text(SECRET + "\nmore\n")
+    (outside / "set").mkdir()
+    server = start(("--listen",))
+    try:
+        config = _post(server["url"] + "/config", None, method="GET")
+        yield {"url": server["url"], "data": prepared["data"], "extension": prepared["extension"],
+               "outside": outside, "dataset": prepared["dataset"], "config": config}
+    finally:
+        stop(server)
+
+
 @pytest.fixture(scope="module")
 def listening(tmp_path_factory):
     from conftest import prepare_webui_data, start_webui, stop_webui
 
     data = tmp_path_factory.mktemp("webui-listen")
     prepared = prepare_webui_data(data)
-    outside = tmp_path_factory.mktemp("outside-home")
-    (outside / "notes.csv").write_text(SECRET + "\nmore\n")
-    (outside / "set").mkdir()
-    server = start_webui(prepared["root"], prepared["python"], data, data / "webui.log", prepared["env"],
-                         extra_args=("--listen",))
-    try:
-        config = _post(server["url"] + "/config", None, method="GET")
-        yield {"url": server["url"], "data": data, "extension": prepared["extension"], "outside": outside,
-               "dataset": prepared["dataset"], "config": config}
-    finally:
-        stop_webui(server)
+
+    def start(extra_args):
+        return start_webui(prepared["root"], prepared["python"], data, data / "webui.log", prepared["env"],
+                           extra_args=extra_args)
+
+    with listening_site(tmp_path_factory, prepared, start, stop_webui) as site:
+        yield site
 
 
 def _post(url: str, payload, method: str = "POST"):
@@ -84,16 +100,25 @@ def test_json_route_refuses_outside_paths(listening, values, field):
     assert files_under(site["data"] / "models") == before_models       # no evil_up.* next to Lora/
 
 
-def _fn_index(config, elem_id: str) -> int:
+def _dependency(config, elem_id: str) -> tuple[int, dict]:
+    """(fn_index, dependency) of the click on `elem_id`. gradio 3 numbers dependencies by position
+    and lists target ids; gradio 4 (Forge) gives each an "id" and lists [target id, event] pairs."""
     ids = {c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id}
-    return next(i for i, d in enumerate(config["dependencies"]) if set(d["targets"]) & ids)
+    for i, dep in enumerate(config["dependencies"]):
+        targets = {t[0] if isinstance(t, list) else t for t in dep["targets"]}
+        if targets & ids:
+            return dep.get("id", i), dep
+    raise AssertionError(f"no event on {elem_id}")
+
+
+def _fn_index(config, elem_id: str) -> int:
+    return _dependency(config, elem_id)[0]
 
 
 def call_button(site, elem_id: str, first_value, **fields) -> str:
     """A tab button called by fn_index over /run/predict, inputs = first_value + the form."""
     config = site["config"]
-    index = _fn_index(config, elem_id)
-    dep = config["dependencies"][index]
+    index, dep = _dependency(config, elem_id)
     by_id = {c["id"]: c.get("props", {}) for c in config["components"]}
     data = [first_value] + [fields.get(by_id[i].get("elem_id", "").replace("lora_trainer_", "", 1),
                                        by_id[i].get("value")) for i in dep["inputs"][1:]]
