@@ -209,7 +209,8 @@ def _image_reports(records, stats, token_counts, resolution: int) -> List[ImageR
 
 def _summary(records, images: List[ImageReport], options: CheckOptions) -> dict:
     folders: Dict[Tuple[int, str], int] = Counter((r.repeats, r.folder) for r in records)
-    buckets = Counter(f"{w}x{h}" for w, h in (i.bucket for i in images))
+    # every report has its bucket (_image_reports sets it)
+    buckets = Counter(f"{i.bucket[0]}x{i.bucket[1]}" for i in images if i.bucket is not None)
     tokens = [i.caption_tokens for i in images if i.caption_tokens is not None]
     return {
         "images": len(records),

@@ -43,7 +43,8 @@ def _decode_small(path: str, working_side: int) -> Image.Image:
             # file still fails here, because every scan must be read to the end either way.
             opened.draft("RGB", (working_side, working_side))
             opened.load()
-            return to_rgb(ImageOps.exif_transpose(opened))
+            transposed = ImageOps.exif_transpose(opened)   # (None only when asked to work in place)
+            return to_rgb(transposed if transposed is not None else opened)
     except Exception:
         # Let the training loader's decoder say why: it raises UnreadableImage with the same
         # message discovery would give (or succeeds, if only our fast path tripped).

@@ -35,7 +35,8 @@ def format_table(result: CheckResult) -> str:
 
 
 def _problem_rows(problems: List[Finding]) -> List[str]:
-    rows, shown = [], Counter()
+    rows: List[str] = []
+    shown: Dict[str, int] = Counter()
     hidden: Dict[str, int] = Counter()
     for finding in problems:
         if shown[finding.code] >= ROWS_PER_CHECK:

@@ -156,7 +156,7 @@ def run_monitors(cfg, backbone: Backbone, index):
 
     run_log = RunLog(backbone.device, cfg.log_every_n_steps, cfg)
     run_log.write_header(cfg, backbone, index)
-    monitors = [run_log]
+    monitors: list[TrainingObserver] = [run_log]
     board = open_tensorboard(cfg, backbone.device)
     if board is not None:
         monitors.append(board)

@@ -13,11 +13,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 try:
     import torch
 except ImportError:   # `lora-trainer doctor` still runs and reports it; nothing else here is called
-    torch = None
+    pass
 
 MIB = 1 << 20
 
@@ -215,7 +216,8 @@ def _nvml_handle(device: torch.device):
 
 
 def _pci_bus_id(index: int) -> str:
-    props = torch.cuda.get_device_properties(index)
+    # Any: torch's stubs lack the pci_* fields its device properties have at run time
+    props: Any = torch.cuda.get_device_properties(index)
     return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
 
 

@@ -13,7 +13,7 @@ Whatever renders previews renders it: the headless Previewer, or inside the WebU
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 from .cards import PREFERRED_WEIGHT, activation_text
 from .prompt_syntax import TRAINED_PLACEHOLDER
@@ -25,10 +25,16 @@ def thumbnail_prompt(cfg, index) -> str:
     return f"{words}, {tag}" if words else tag
 
 
+class _Renders(Protocol):
+    """What the loop calls on a previewer (the headless Previewer, the WebUI's txt2img one)."""
+
+    def render(self, trainer, step: int) -> list: ...
+
+
 class CardThumbnail:
     """The previewer of a run with write_card on and no preview prompts: renders only at the end."""
 
-    def __init__(self, cfg, make_previewer: Callable[[list], object]):
+    def __init__(self, cfg, make_previewer: Callable[[list], _Renders]):
         self.cfg, self.make_previewer = cfg, make_previewer
 
     def render(self, trainer, step: int) -> list:

@@ -89,7 +89,8 @@ def _is_blank(value) -> bool:
 
 def merge_card(current: dict, wanted: dict) -> dict:
     """`current` with each field of `wanted` applied where the user has not edited it."""
-    record = current.get(RECORD_KEY) if isinstance(current.get(RECORD_KEY), dict) else {}
+    found = current.get(RECORD_KEY)
+    record = found if isinstance(found, dict) else {}
     merged, written = dict(current), dict(record)
     for key, value in wanted.items():
         ours = key in record and current.get(key) == record[key]

@@ -18,6 +18,7 @@ import torch
 
 from ..contracts.backbone import DiffusionBackbone
 from ..lora.kohya_file import LoraFileError, network_tensors
+from ..lora.targets import LoraTarget
 from .cards import write_card_preview
 from .images import grid, save_png, to_pil
 from .lora_library import LoraLibrary, LoraNotFoundError
@@ -71,7 +72,7 @@ class Previewer:
             cfg.preview_prompts if prompts is None else prompts)
         self.library = LoraLibrary(lora_dir or cfg.lora_dir or cfg.output_dir)
         self.cache = NetworkCache()
-        self._target_list = None
+        self._target_list: list[LoraTarget] | None = None
         for prompt in self.prompts:
             for note in prompt.notes:
                 log.warning("Preview prompt %r: %s", prompt.line, note)

@@ -60,8 +60,9 @@ class GuidedDenoiser:
                  cfg_scale: float):
         self.backbone = backbone
         self.cfg_scale = cfg_scale
-        self.guided = uncond is not None and cfg_scale != 1.0
-        self.cond = concat_conditioning(cond, uncond) if self.guided else cond
+        self.guided, self.cond = False, cond
+        if uncond is not None and cfg_scale != 1.0:
+            self.guided, self.cond = True, concat_conditioning(cond, uncond)
 
     def prediction(self, x_in: torch.Tensor, t: float) -> torch.Tensor:
         batch = torch.cat([x_in, x_in]) if self.guided else x_in
