@@ -1,5 +1,6 @@
-"""The core packages type-check (mypy, pinned in .ci/constraints.txt; the packages and settings are
-in pyproject.toml [tool.mypy]), so `.ci/run` fails on a type error like on a failing test."""
+"""The package type-checks, all but the gradio tab ui/ (mypy, pinned in .ci/constraints.txt; what
+is checked and the settings are in pyproject.toml [tool.mypy]), so `.ci/run` fails on a type error
+like on a failing test."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_core_packages_type_check():
+def test_the_package_type_checks():
     # the cache (.mypy_cache, ignored by git) makes a rerun take seconds instead of ~20 s
     done = subprocess.run([sys.executable, "-m", "mypy", "--no-color-output"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

@@ -33,7 +33,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..diffusion.families import FAMILIES, OPEN_CLIP, family_row
 from .safetensors_header import read_key_shapes  # noqa: F401  (public here since before)
@@ -213,6 +213,7 @@ def load_single_file(path: str | Path, base_model_config: str | None = None, dty
     path = Path(path)
     info = describe_model(str(path), base_model_config)
     log.info("%s: %s", path.name, info.summary())
+    assert info.config_folder is not None   # a single file is always described with its configs
     configs = load_config_dicts(info.config_folder)
     try:
         index = read_index(path)
@@ -254,7 +255,7 @@ def load_folder(path: str | Path, dtype=None, device="cpu") -> dict:
     log.info("%s: %s", path.name, info.summary())
     _check_folder_weights(path, ["unet", "vae", *(name for name in _TEXT_ENCODERS if (path / name).is_dir())])
     dtype = dtype or torch.float32
-    kwargs = dict(local_files_only=True, use_safetensors=True)
+    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
     try:
         parts = {
             "unet": UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype, **kwargs),
@@ -299,7 +300,7 @@ def _folder_reloader(path: Path, classes: Mapping, dtype):
     def reload(component: str) -> dict:
         import torch
 
-        kwargs = dict(local_files_only=True, use_safetensors=True)
+        kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)
         if component == "vae":
             kwargs["torch_dtype"] = torch.float32
         elif component.startswith("text_encoder"):

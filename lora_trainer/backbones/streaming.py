@@ -77,7 +77,7 @@ def read_tensor(handle, entry: TensorEntry, scratch: torch.Tensor | None = None)
     into ``scratch`` (uint8, at least ``entry.nbytes``) when the caller converts it right away."""
     buffer = torch.empty(entry.nbytes, dtype=torch.uint8) if scratch is None else scratch[:entry.nbytes]
     handle.seek(entry.start)
-    view = memoryview(buffer.numpy())
+    view = buffer.numpy().data   # the buffer's bytes, writable in place
     done = 0
     while done < entry.nbytes:   # readinto may return short counts
         got = handle.readinto(view[done:])
@@ -114,7 +114,7 @@ def plan_from_meta(meta_sources: Mapping[str, torch.Tensor],
                 raise ValueError(f"{component}.{key} is computed by the key conversion, not a view of a file "
                                  "tensor; it cannot be streamed")
             plan.setdefault(source, []).append(
-                Placement(component, key, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()))
+                Placement(component, key, tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset())))
     return plan
 
 
@@ -150,6 +150,6 @@ def stream_tensors(index: SafetensorsIndex, plan: Mapping[str, list], dtype_for:
 
 def _owns_exactly(tensor: torch.Tensor) -> bool:
     """Contiguous and alone in its storage: the file buffer itself (reshaped) or a fresh cast."""
-    return (tensor.is_contiguous() and tensor.storage_offset() == 0
-            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+    return bool(tensor.is_contiguous() and tensor.storage_offset() == 0
+                and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
 

@@ -151,14 +151,14 @@ def model_index(configs: Mapping) -> dict:
 
 
 def _config_for_file(name: str, config: Mapping) -> dict:
-    config = copy.deepcopy(dict(config))
+    written = copy.deepcopy(dict(config))
     if name in _TEXT_ENCODERS:
-        config.setdefault("model_type", "clip_text_model")
-        config.setdefault("architectures", ["CLIPTextModel" if name == "text_encoder" else "CLIPTextModelWithProjection"])
+        written.setdefault("model_type", "clip_text_model")
+        written.setdefault("architectures", ["CLIPTextModel" if name == "text_encoder" else "CLIPTextModelWithProjection"])
     else:
         default_class = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "scheduler": "DDPMScheduler"}[name]
-        config.setdefault("_class_name", default_class)
-    return config
+        written.setdefault("_class_name", default_class)
+    return written
 
 
 def _write_json(path: Path, data: Mapping) -> None:

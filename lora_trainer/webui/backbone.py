@@ -351,7 +351,7 @@ class WebuiBackbone(DiffusionBackbone):
         if misfits:
             log.warning("%d UNet layers do not fit the SD1 block layout (e.g. %s): they are saved under "
                         "LDM-style kohya names", len(misfits), misfits[0])
-        unresolved = []
+        unresolved: list[str] = []
         for encoder, root in self._text_encoder_roots():
             run_layers = self._run_text_layers(encoder, root)
             for path, module in root.named_modules():
@@ -364,8 +364,8 @@ class WebuiBackbone(DiffusionBackbone):
                 kohya = text_encoder_kohya_name(path, encoder)
                 if kohya is None:
                     continue
-                if run_layers is not None and open_clip_layer_index(path) >= run_layers:
-                    continue   # never run (SD2's last resblock): no gradient, not a kohya layer
+                if _never_run(path, run_layers):
+                    continue   # SD2's last resblock: no gradient, not a kohya layer
                 webui = text_encoder_webui_name(path, encoder)
                 if resolve_in_webui(kohya, webui_names, self.layout) != webui:
                     unresolved.append(kohya)
@@ -383,8 +383,8 @@ class WebuiBackbone(DiffusionBackbone):
         kohya_names = open_clip_attention_kohya_names(path, encoder)
         if kohya_names is None or getattr(module, "in_proj_weight", None) is None:
             return []
-        if run_layers is not None and open_clip_layer_index(path) >= run_layers:
-            return []   # never run (SD2's last resblock)
+        if _never_run(path, run_layers):
+            return []   # SD2's last resblock
         attention = text_encoder_webui_name(path, encoder)
         layers = []
         for projection in mha_projections(module):
@@ -413,3 +413,10 @@ class WebuiBackbone(DiffusionBackbone):
         table = self.name_table()
         return [LoraTarget(layer.kohya, self._modules[layer.kohya], layer.component, layer.role)
                 for layer in table.layers]
+
+
+def _never_run(path: str, run_layers: int | None) -> bool:
+    """Whether an OpenCLIP text-encoder layer lies in a resblock past the `run_layers` the encoder
+    runs (None: it runs them all)."""
+    index = open_clip_layer_index(path)
+    return run_layers is not None and index is not None and index >= run_layers

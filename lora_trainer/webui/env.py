@@ -70,7 +70,8 @@ class WebuiEnv:
 
         forge, memory_management, sd_model = running_in_forge(), None, None
         if forge:
-            from backend import memory_management
+            from backend import memory_management as forge_memory_management
+            memory_management = forge_memory_management
         if with_model:
             sd_model = forge_loaded_model() if forge else shared.sd_model
         return cls(sd_model=sd_model, state=shared.state, cmd_opts=shared.cmd_opts,

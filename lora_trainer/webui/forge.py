@@ -32,6 +32,7 @@ import importlib.util
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,9 @@ def model_view(sd_model) -> nn.Module:
                                  f"{family.upper()}. Train it with the headless trainer (lora-trainer train) "
                                  "or in AUTOMATIC1111's WebUI.")
     unet, clip, vae = forge_parts(sd_model)
-    view = _holder(model=_holder(diffusion_model=unet.model.diffusion_model),
+    # Any: the view also carries the WebUI model's plain attributes (flags, checkpoint info), which
+    # nn.Module's typed __setattr__ does not know
+    view: Any = _holder(model=_holder(diffusion_model=unet.model.diffusion_model),
                    cond_stage_model=_holder(wrapped=clip.cond_stage_model.clip_l),
                    first_stage_model=vae.first_stage_model)
     view.is_sd1 = True
@@ -164,7 +167,8 @@ def clean_forge_weights(sd_model, memory_management=None) -> ForgeCleanReport:
     backup and no online LoRA may be left. `memory_management` is Forge's backend module (None:
     imported; stand-ins pass their own)."""
     if memory_management is None:
-        from backend import memory_management
+        from backend import memory_management as forge_memory_management
+        memory_management = forge_memory_management
     report = ForgeCleanReport()
     patchers = _patchers(sd_model)
     report.restored = [label for label, patcher in patchers.items()

@@ -90,7 +90,8 @@ class ForgeBackbone(WebuiBackbone):
         """Have Forge's memory manager put these parts where it computes (as its processing does)."""
         memory_management = self.memory_management
         if memory_management is None:
-            from backend import memory_management
+            from backend import memory_management as forge_memory_management
+            memory_management = forge_memory_management
         memory_management.load_models_gpu(list(patchers))
 
     def identity(self):

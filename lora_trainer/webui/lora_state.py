@@ -24,6 +24,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     raw = data.view(torch.uint8) if data.dim() > 0 else data.reshape(1).view(torch.uint8)
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{data.dtype}{tuple(tensor.shape)}".encode())
-    h.update(raw.numpy())
+    h.update(raw.numpy().data)
     return h.hexdigest()
 
 
@@ -92,7 +93,8 @@ class CleanReport:
                 "to their backups")
 
 
-def _layers(sd_model) -> list[nn.Module]:
+def _layers(sd_model) -> list[Any]:
+    """The layers the Lora extension names (Any: they carry its `network_*` attributes)."""
     mapping = getattr(sd_model, "network_layer_mapping", None)
     if mapping:
         return list(dict.fromkeys(mapping.values()))  # unique, in order

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,18 +60,20 @@ def _preserved_rng(device: torch.device):
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     py_state = random.getstate()
+    numpy_random: Any = None
     try:
-        import numpy as np
-        np_state = np.random.get_state()
+        import numpy
+        numpy_random = numpy.random
     except ImportError:   # pragma: no cover - numpy is always there with torch
-        np, np_state = None, None
+        pass
+    np_state = numpy_random.get_state() if numpy_random is not None else None
     try:
         with torch.random.fork_rng(devices=cuda):
             yield
     finally:
         random.setstate(py_state)
-        if np is not None:
-            np.random.set_state(np_state)
+        if numpy_random is not None:
+            numpy_random.set_state(np_state)
 
 
 @torch.no_grad()

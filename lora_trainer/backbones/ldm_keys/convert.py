@@ -31,7 +31,7 @@ class SplitCheckpoint:
     extras: dict
 
 
-def components_to_ldm(state_dicts: Mapping[str, Mapping | None], configs: Mapping[str, Mapping] | None = None,
+def components_to_ldm(state_dicts: Mapping[str, Mapping | None], configs: Mapping[str, Mapping | None] | None = None,
                       layout: CheckpointLayout = SD1_LAYOUT, extras: Mapping[str, Mapping] | None = None) -> dict:
     """Merge diffusers component state dicts into one LDM/SGM single-file state dict.
 
@@ -45,10 +45,11 @@ def components_to_ldm(state_dicts: Mapping[str, Mapping | None], configs: Mappin
     if unknown:
         raise ValueError(f"unknown components {unknown}; expected some of {DIFFUSERS_COMPONENTS}")
     ldm: dict = {}
-    if state_dicts.get("unet") is not None:
-        ldm.update(_convert_to_ldm(state_dicts["unet"], unet_table(_need(configs, "unet")), layout.unet_prefix, "UNet"))
-    if state_dicts.get("vae") is not None:
-        ldm.update(_convert_to_ldm(state_dicts["vae"], vae_table(_need(configs, "vae")), layout.vae_prefix, "VAE"))
+    unet_sd, vae_sd = state_dicts.get("unet"), state_dicts.get("vae")
+    if unet_sd is not None:
+        ldm.update(_convert_to_ldm(unet_sd, unet_table(_need(configs, "unet")), layout.unet_prefix, "UNet"))
+    if vae_sd is not None:
+        ldm.update(_convert_to_ldm(vae_sd, vae_table(_need(configs, "vae")), layout.vae_prefix, "VAE"))
     for slot in layout.text_encoders:
         te_sd = state_dicts.get(slot.component)
         if te_sd is not None:
@@ -60,7 +61,7 @@ def components_to_ldm(state_dicts: Mapping[str, Mapping | None], configs: Mappin
     return ldm
 
 
-def ldm_to_components(ldm_sd: Mapping, configs: Mapping[str, Mapping], layout: CheckpointLayout = SD1_LAYOUT,
+def ldm_to_components(ldm_sd: Mapping, configs: Mapping[str, Mapping | None], layout: CheckpointLayout = SD1_LAYOUT,
                       strict: bool = True, te_text_model_level: bool | None = None) -> SplitCheckpoint:
     """Split an LDM/SGM single-file state dict into diffusers state dicts, one per component.
 
@@ -125,7 +126,7 @@ def _need(configs: Mapping, name: str) -> Mapping:
 
 
 def _split_by_component(ldm_sd: Mapping, layout: CheckpointLayout):
-    parts = {"unet": {}, "vae": {}, **{slot.component: {} for slot in layout.text_encoders}}
+    parts: dict[str, dict] = {"unet": {}, "vae": {}, **{slot.component: {} for slot in layout.text_encoders}}
     stray = []
     prefixes = [(layout.unet_prefix, "unet"), (layout.vae_prefix, "vae")]
     prefixes += [(slot.prefix, slot.component) for slot in layout.text_encoders]

@@ -134,7 +134,7 @@ def open_clip_from_hf(te_sd: Mapping) -> dict:
     import torch
 
     out, unknown = {}, []
-    qkv: dict[tuple[int, str], dict[str, object]] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     layer_re = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
     for key, tensor in te_sd.items():
         if key == "text_projection.weight":

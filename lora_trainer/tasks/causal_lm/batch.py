@@ -12,7 +12,7 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def collate(rows, pad_id: int, device) -> dict:
+def collate(rows, pad_id: int, device) -> dict[str, torch.Tensor | None]:
     """Right-padded batch. Every sample restarts its positions at 0; packed rows (several samples)
     then get a block-diagonal mask from transformers, plain rows a padding mask."""
     width = max(r.length for r in rows)
@@ -32,7 +32,7 @@ def collate(rows, pad_id: int, device) -> dict:
         mask[i, :at] = 1
         positions[i, at:] = torch.arange(width - at)   # padding is a block of its own
     packed = any(len(r.samples) > 1 for r in rows)
-    batch = {"input_ids": ids.to(device), "position_ids": positions.to(device), "labels": labels.to(device)}
+    batch: dict[str, torch.Tensor | None] = {"input_ids": ids.to(device), "position_ids": positions.to(device), "labels": labels.to(device)}
     # transformers finds the packed blocks from the positions only when no 2-D mask is given
     batch["attention_mask"] = None if packed else mask.to(device)
     return batch

@@ -32,7 +32,9 @@ class Row:
 
 
 def pack(samples: list[TokenizedSample], max_len: int) -> list[Row]:
-    rows, current, used = [], [], 0
+    rows: list[Row] = []
+    current: list[TokenizedSample] = []
+    used = 0
     for sample in samples:
         if current and used + len(sample.input_ids) > max_len:
             rows.append(Row(tuple(current)))

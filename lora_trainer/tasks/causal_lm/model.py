@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ...lora.targets import ATTENTION, FEED_FORWARD, LoraTarget
+
+if TYPE_CHECKING:   # imported on use at run time (transformers is heavy)
+    from transformers import PreTrainedModel
 
 # projection names of LLaMA-style decoders (and most AutoModelForCausalLM since: Mistral, Qwen2,
 # Gemma, Phi-3 fuse some of them, GPT-2 uses Conv1D and is not covered)
@@ -90,7 +93,8 @@ def load_causal_lm(base_model: str, device: torch.device, dtype: torch.dtype) ->
     weights = safetensors_files(folder)
     tokenizer = load_tokenizer(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+        # Any: transformers wraps PreTrainedModel.to in a decorator whose type mypy misreads
+        model: Any = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                      use_safetensors=True, dtype=dtype)
     except Exception as error:   # noqa: BLE001
         raise ModelFolderError(f"base_model '{folder}': cannot load it as an AutoModelForCausalLM "
@@ -112,7 +116,7 @@ def adapter_name(path: str) -> str:
 
 
 class CausalLMBackbone:
-    def __init__(self, model: nn.Module, tokenizer, source: str, source_hash: str):
+    def __init__(self, model: PreTrainedModel, tokenizer, source: str, source_hash: str):
         self.model, self.tokenizer = model, tokenizer
         self.source, self.source_hash = source, source_hash
         self.device = next(model.parameters()).device

@@ -49,7 +49,8 @@ def collect_samples(root) -> tuple[list[RawSample], list[str]]:
     """(every readable sample, every problem as 'file:line: what'), in a fixed order: files sorted
     by path, then by line."""
     root = Path(root)
-    samples, problems = [], []
+    samples: list[RawSample] = []
+    problems: list[str] = []
     for path in data_files(root):
         name = path.name if root.is_file() else path.relative_to(root).as_posix()
         reader = _jsonl_samples if path.suffix.lower() == ".jsonl" else _txt_samples

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role
 # initializer_range: with the usual 0.02 the frozen lm_head of so small a model can only make logits
 # of about +-0.5 (the final norm fixes the hidden state's size), so no adapter could lower the loss
 # much; 0.25 gives it room to learn the demo's pattern in a few dozen steps
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+TINY_LLAMA: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
                   tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.25)
 
@@ -68,7 +69,7 @@ THINGS = ("apple", "sky", "leaf", "sun", "cat", "cloud")
 
 
 def demo_conversations() -> list[dict]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, thing in enumerate(THINGS):
         colour = COLOURS[i % len(COLOURS)]
         rows.append({"messages": [{"role": "user", "content": f"What colour is the {thing}?"},
