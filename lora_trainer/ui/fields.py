@@ -135,7 +135,7 @@ def to_component_value(spec: FieldSpec, value: Any) -> Any:
 
 
 def _split_lines(text: str, commas: bool) -> list[str]:
-    items = []
+    items: list[str] = []
     for line in str(text).splitlines():
         parts = line.split(",") if commas else [line]
         items.extend(part.strip() for part in parts if part.strip())
@@ -313,7 +313,7 @@ def build_form(defaults: Optional[Mapping[str, Any]] = None, required: Iterable[
     by_group: dict[str, list[FieldSpec]] = {g: [] for g in groups}
     for spec in specs.values():
         by_group.setdefault(spec.meta["group"], []).append(spec)
-    components = {}
+    components: dict[str, Any] = {}   # field name -> gradio component
     for group, members in by_group.items():
         if not members:
             continue
@@ -334,7 +334,8 @@ def build_form(defaults: Optional[Mapping[str, Any]] = None, required: Iterable[
 
 def _rows(specs: Sequence[FieldSpec]) -> list[list[FieldSpec]]:
     """Two fields per row; multi-line fields get a row of their own."""
-    rows, pending = [], []
+    rows: list[list[FieldSpec]] = []
+    pending: list[FieldSpec] = []
     for spec in specs:
         if kind_of(spec) == "lines":
             if pending:

@@ -14,7 +14,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:   # imported on use at run time
+    import uvicorn
 
 FIRST_PORT = 7860
 PORTS_TRIED = 100
@@ -41,8 +44,8 @@ def free_port(host: str, first: int = FIRST_PORT, count: int = PORTS_TRIED) -> i
 @dataclass
 class RunningApp:
     """What `serve` returns: the Blocks, the server and its address; `close()` stops it."""
-    blocks: object
-    server: object
+    blocks: Any                # a gradio Blocks (gradio is untyped)
+    server: uvicorn.Server
     thread: threading.Thread
     url: str
 
@@ -65,7 +68,7 @@ def build_asgi(blocks, port: int, *, listen: bool, auth: Optional[Sequence[tuple
     from .http_guard import RequestGuard
 
     outer = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    options = {"path": "/"}
+    options: dict[str, Any] = {"path": "/"}
     if compat.IS_GRADIO_3:
         # the 3.41 queue sends each job to <this URL>api/predict (through the guard: loopback Host)
         options["gradio_api_url"] = f"http://127.0.0.1:{port}/"

@@ -16,6 +16,7 @@ from ..config import ConfigError, config_from_dict, dump_config, resolve_path
 from ..config.load import field_specs
 from ..storage.containment import PathRefused, is_inside
 from . import compat, fields, presets, runs, views
+from .tab_runs import _RunsList
 from .worker import Snapshot
 
 log = logging.getLogger("lora_trainer")
@@ -23,8 +24,10 @@ log = logging.getLogger("lora_trainer")
 DATA_KEYS = ("train_data_dir", "metadata_path", "caption_extension", "repeats", "resolution")
 
 
-class _TabHandlers:
+class _TabHandlers(_RunsList):
     """Handlers; they use the builder's `settings`, `worker`, `form` and the `_RunsList` helpers."""
+
+    form: fields.Form   # set by tab._TabBuilder.build (declared here for the type checker)
 
     # ---- helpers ------------------------------------------------------------------------------
     def _rules(self):
@@ -58,8 +61,8 @@ class _TabHandlers:
     # ---- handlers -----------------------------------------------------------------------------
     def on_start(self, *values):
         """Inputs: the form's values, then the force-resume checkbox."""
-        *values, force_resume = values
-        cfg, problem = self._config(values)
+        *form_values, force_resume = values
+        cfg, problem = self._config(form_values)
         if problem:
             return problem
         started, text = self.worker.start(cfg, force_resume=bool(force_resume))

@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..config import resolve_path
 from ..storage.containment import inside_any
 from . import compat, runs
+from .worker import TrainingWorker
+
+if TYPE_CHECKING:   # tab.py imports this module
+    from .tab import TabSettings
 
 log = logging.getLogger("lora_trainer")
 
 
 class _RunsList:
     """Runs-list helpers; they read the builder's `settings`, `defaults` and `worker`."""
+
+    # set by tab._TabBuilder (declared here for the type checker)
+    settings: TabSettings
+    defaults: dict
+    worker: TrainingWorker
 
     def _default_runs_folder(self) -> Path:
         if self.settings.runs_folder:
