@@ -33,21 +33,24 @@ class ForgeLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class _InPlaceBlock:
-    """Forge's BasicTransformerBlock: `x += attn1(norm1(x))` etc., in place."""
+def _in_place_block_forward(b, x, *args, encoder_hidden_states=None, **kwargs):
+    """Forge's BasicTransformerBlock: `x += attn1(norm1(x))` etc., into the block's own input."""
+    x += b.attn1(b.norm1(x))
+    x += b.attn2(b.norm2(x), encoder_hidden_states=encoder_hidden_states)
+    skip = x
+    x = b.ff(b.norm3(x))
+    x += skip
+    return x
 
-    def __init__(self, block):
-        self.block = block
 
-    def __call__(self, x, *args, encoder_hidden_states=None, **kwargs):
-        b = self.block
-        x = x.clone()
-        x += b.attn1(b.norm1(x))
-        x += b.attn2(b.norm2(x), encoder_hidden_states=encoder_hidden_states)
-        skip = x
-        x = b.ff(b.norm3(x))
-        x += skip
-        return x
+_in_place_classes: dict[type, type] = {}
+
+
+def _in_place_block_class(cls: type) -> type:
+    """`cls` with Forge's in-place forward, under the same class name (what the backbone matches)."""
+    if cls not in _in_place_classes:
+        _in_place_classes[cls] = type(cls.__name__, (cls,), {"forward": _in_place_block_forward})
+    return _in_place_classes[cls]
 
 
 class LoraLoaderStandIn:
@@ -117,7 +120,7 @@ class ForgeStandIn:
         unet = a1111.model.diffusion_model
         for module in list(unet.modules()):
             if type(module).__name__ == "BasicTransformerBlock":
-                module.forward = _InPlaceBlock(module)
+                module.__class__ = _in_place_block_class(type(module))
             if type(module) is nn.Linear:
                 module.__class__ = ForgeLinear
         k_model = nn.Module()
@@ -141,6 +144,7 @@ class ForgeStandIn:
             clip=types.SimpleNamespace(patcher=PatcherStandIn(clip_model), cond_stage_model=clip_model),
             vae=types.SimpleNamespace(patcher=PatcherStandIn(vae_model), first_stage_model=vae_model))
         self.forge_objects = self.forge_objects_original
+        self.forge_objects_after_applying_lora = self.forge_objects_original
         self.current_lora_hash = str([])
         self.sd_checkpoint_info = a1111.sd_checkpoint_info
         self.sd_model_hash = "forge-standin"
@@ -152,6 +156,10 @@ class ForgeStandIn:
     def text_processing_engine(self, prompts):
         self._position_embedding.to(dtype=torch.float32)   # what encode_with_transformers does
         return self.a1111.get_learned_conditioning(prompts)
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts):
+        return self.text_processing_engine(prompts)
 
     @torch.inference_mode()
     def encode_first_stage(self, x):
@@ -167,6 +175,7 @@ class ForgeStandIn:
         unet.lora_patches[(name, 1.0, 1.0, False)] = unet_patches
         self.forge_objects = types.SimpleNamespace(unet=unet, clip=self.forge_objects_original.clip,
                                                    vae=self.forge_objects_original.vae)
+        self.forge_objects_after_applying_lora = self.forge_objects
         self.current_lora_hash = name
 
 

@@ -63,11 +63,26 @@ def test_job_on_forge_trains_after_removing_lora_patches_and_gives_the_model_bac
     after = unet_weights(forge_model)
     assert all(torch.equal(after[k], clean[k]) for k in clean)        # the LoRA's patch is off, bit for bit
     assert forge_model.current_lora_hash == str([])                   # the next <lora:…> applies afresh
+    # ...and a generation without one does not reuse the patched clones of the earlier <lora:…>
+    assert forge_model.forge_objects_after_applying_lora.unet is forge_model.forge_objects_original.unet
+    assert forge_model.forge_objects.unet is forge_model.forge_objects_original.unet
     unet = forge_model.forge_objects_original.unet
     assert not unet.lora_loader.backup
     assert all(p.is_inference() for p in unet.model.parameters())     # as Forge made them
     assert not any("forward" in m.__dict__ for m in unet.model.diffusion_model.modules()
                    if type(m).__name__ == "LayerNorm")
+
+
+def test_gradient_checkpointing_on_blocks_that_add_into_their_input(make_config, tmp_path, env, forge_model):
+    """What the job switches on for 16-bit storage computed in fp32 (Forge on the CPU): the checkpoint
+    keeps each block's input for the recomputation, and Forge's blocks add into that input in place."""
+    unet = forge_model.forge_objects_original.unet.model
+    clean, forwards = unet_weights(forge_model), [m for m in unet.modules() if "forward" in m.__dict__]
+    result = job.train_on_loaded_model(cfg(make_config, tmp_path, gradient_checkpointing=True), env=env)
+    assert result.status == "finished" and result.step == 2
+    after = unet_weights(forge_model)
+    assert all(torch.equal(after[k], clean[k]) for k in clean)
+    assert [m for m in unet.modules() if "forward" in m.__dict__] == forwards   # the checkpointing is off again
 
 
 def test_forge_linear_layers_are_lora_targets(forge_model):
@@ -97,8 +112,10 @@ def test_refusals(forge_model):
     with pytest.raises(forge.CannotTrainOnForge, match="Diffusion in Low Bits"):
         forge.check_can_train_forge(forge_model)
     forge_model.forge_objects_original.unet.model.storage_dtype = torch.float16
-    forge_model.is_sd1, forge_model.is_sdxl = False, True
-    with pytest.raises(forge.CannotTrainOnForge, match="SD1 checkpoints so far"):
+    forge_model.is_sd1, forge_model.is_sd2 = False, True
+    with pytest.raises(forge.CannotTrainOnForge, match="SD1 and SDXL checkpoints so far; the loaded model is SD2"):
+        forge.check_can_train_forge(forge_model)
+    with pytest.raises(forge.CannotTrainOnForge, match="SD1 and SDXL"):
         forge.model_view(forge_model)
     with pytest.raises(job.CannotTrain, match="No Stable Diffusion model is loaded"):
         job.check_can_train(types.SimpleNamespace(sd_model=None, is_forge=True))
@@ -125,7 +142,25 @@ def test_mixed_precision_follows_the_dtype_forge_computes_in(make_config, tmp_pa
 
     unet = forge_model.forge_objects_original.unet.model
     unet.storage_dtype, unet.computation_dtype = storage, computation
+    with torch.inference_mode():   # the weights in their storage dtype, as Forge loads them
+        unet.to(storage)
     backbone = ForgeBackbone(forge_model, memory_management=env.memory_management)
     prepared = job.prepare_config(cfg(make_config, tmp_path), env, backbone)
     assert backbone.compute_dtype == computation
     assert prepared.mixed_precision == mixed_precision
+    # Forge's fp32 casts of 16-bit weights are not kept for backward: the blocks recompute them
+    assert prepared.gradient_checkpointing == (storage != computation and mixed_precision == "no")
+
+
+def test_sdxl_text_encoders_are_named_the_transformers_way():
+    """Forge holds SDXL's second text encoder as transformers CLIP (converted from OpenCLIP when it
+    loads): the layout names it so, under the same kohya prefix lora_te2_."""
+    from lora_trainer.diffusion.families import OPENAI_CLIP
+
+    layout = forge.forge_layout("sdxl")
+    assert [(e.kohya_prefix, e.clip_kind) for e in layout.text_encoders] == [("lora_te1", OPENAI_CLIP),
+                                                                             ("lora_te2", OPENAI_CLIP)]
+    from lora_trainer.webui.names import text_encoder_kohya_name
+    te2 = layout.text_encoders[1]
+    assert text_encoder_kohya_name("transformer.text_model.encoder.layers.3.self_attn.q_proj", te2) == \
+        "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"

@@ -30,9 +30,9 @@ from ..diffusion.families import family_row
 from ..lora.kohya_names import webui_compvis_name
 from ..lora.mha import mha_projections
 from ..lora.targets import TEXT, LoraTarget, is_linear
-from .names import (LAYOUTS, LayerName, NameTable, family_of, ldm_unet_role, open_clip_attention_kohya_names,
-                    open_clip_layer_index, resolve_in_webui, text_encoder_kohya_name, text_encoder_webui_name,
-                    unet_kohya_name, unet_webui_name)
+from .names import (LAYOUTS, LayerName, NameTable, WebuiLayout, family_of, ldm_unet_role,
+                    open_clip_attention_kohya_names, open_clip_layer_index, resolve_in_webui,
+                    text_encoder_kohya_name, text_encoder_webui_name, unet_kohya_name, unet_webui_name)
 
 log = logging.getLogger("lora_trainer")
 
@@ -70,15 +70,22 @@ class _SizedPrompts(list):
 
 
 class _CheckpointedForward:
-    """Instance `forward` of a UNet block that recomputes its activations in backward."""
+    """Instance `forward` of a UNet block that recomputes its activations in backward. With
+    `copy_input`, the block runs on a copy of its input `x`: the checkpoint keeps `x` for the
+    recomputation, and a block that adds into `x` in place (Forge's) would change it."""
 
-    def __init__(self, forward):
+    def __init__(self, forward, copy_input: bool = False):
         self.forward = forward
+        self.copy_input = copy_input
+
+    def _run(self, x, *args, **kwargs):
+        return self.forward(x.clone(), *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        run = self._run if self.copy_input and args and torch.is_tensor(args[0]) else self.forward
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def _first_param(module: nn.Module) -> torch.Tensor:
@@ -100,7 +107,7 @@ class WebuiBackbone(DiffusionBackbone):
     def __init__(self, sd_model, env=None, resolution: int = 512):
         self.model = sd_model
         self.env = env
-        self.layout = LAYOUTS[family_of(sd_model)]
+        self.layout = self.layout_of(sd_model)
         self.unet = get_path(sd_model, self.layout.unet_root)
         if self.unet is None:
             raise ValueError("the loaded model has no model.diffusion_model (is this Forge? only "
@@ -129,6 +136,16 @@ class WebuiBackbone(DiffusionBackbone):
         self._names: NameTable | None = None
         self._modules: dict[str, nn.Module] = {}
         self._truncated_captions = 0
+
+    # warn about text-encoder keys A1111's Lora extension would not find (Forge has its own loader)
+    reports_webui_lookup = True
+    # the UNet's blocks add into their input in place (Forge's): checkpointing gives them a copy
+    blocks_modify_their_input = False
+
+    @staticmethod
+    def layout_of(sd_model) -> WebuiLayout:
+        """Where the model's parts sit and how their layers are named (names.LAYOUTS)."""
+        return LAYOUTS[family_of(sd_model)]
 
     # ---- identity / settings -----------------------------------------------------------------------
     def _clip_skip(self) -> int:
@@ -181,7 +198,7 @@ class WebuiBackbone(DiffusionBackbone):
         if enabled and not self._checkpointed:
             for m in self.unet.modules():
                 if type(m).__name__ in CHECKPOINTED_BLOCKS and "forward" not in m.__dict__:
-                    m.forward = _CheckpointedForward(m.forward)
+                    m.forward = _CheckpointedForward(m.forward, copy_input=self.blocks_modify_their_input)
                     self._checkpointed.append(m)
         elif not enabled:
             for m in self._checkpointed:
@@ -371,7 +388,7 @@ class WebuiBackbone(DiffusionBackbone):
                     unresolved.append(kohya)
                 layers.append((LayerName(kohya, f"{encoder.root}.{path}", webui, encoder.component, TEXT),
                                module))
-        if unresolved:
+        if unresolved and self.reports_webui_lookup:
             log.warning("%d text-encoder layers would not be found by this WebUI under their kohya names "
                         "(e.g. %s); other tools load them", len(unresolved), unresolved[0])
         return layers

@@ -28,6 +28,7 @@ Everything is duck-typed on the model object, so tests run it against a stand-in
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import sys
@@ -83,29 +84,77 @@ def forge_parts(sd_model):
     return objects.unet, objects.clip, objects.vae
 
 
+TRAINABLE_FAMILIES = ("sd1", "sdxl")
+
+
 def model_view(sd_model) -> nn.Module:
-    """Forge's modules under the attribute paths of A1111's LDM model, so the WebUI backbone's
-    layer naming (names.py) applies unchanged: `model.diffusion_model` (the UNet, LDM paths),
-    `cond_stage_model.wrapped` (CLIP-L: `transformer.text_model…`), `first_stage_model` (VAE).
-    Only references: the modules stay where Forge keeps them."""
-    family = forge_family(sd_model)
-    if family != "sd1":
-        raise CannotTrainOnForge(f"Training in Forge supports SD1 checkpoints so far; the loaded model is "
-                                 f"{family.upper()}. Train it with the headless trainer (lora-trainer train) "
-                                 "or in AUTOMATIC1111's WebUI.")
+    """Forge's modules under the attribute paths of A1111's LDM / SGM model, so the WebUI
+    backbone's layer naming (names.py) applies: `model.diffusion_model` (the UNet, LDM paths),
+    `cond_stage_model.wrapped` (SD1's CLIP-L: `transformer.text_model…`) or
+    `conditioner.embedders.{0,1}.wrapped` (SDXL's CLIP-L and CLIP-G, both transformers CLIP in
+    Forge), `first_stage_model` (VAE). Only references: the modules stay where Forge keeps them.
+    `get_learned_conditioning` is Forge's own, without its inference mode (`forge_conditioning`)."""
+    family = trainable_family(sd_model)
     unet, clip, vae = forge_parts(sd_model)
+    encoders = clip.cond_stage_model
+    if family == "sdxl":
+        text = {"conditioner": _holder(embedders=nn.ModuleList([_holder(wrapped=encoders.clip_l),
+                                                                _holder(wrapped=encoders.clip_g)]))}
+    else:
+        text = {"cond_stage_model": _holder(wrapped=encoders.clip_l)}
     # Any: the view also carries the WebUI model's plain attributes (flags, checkpoint info), which
     # nn.Module's typed __setattr__ does not know
     view: Any = _holder(model=_holder(diffusion_model=unet.model.diffusion_model),
-                   cond_stage_model=_holder(wrapped=clip.cond_stage_model.clip_l),
-                   first_stage_model=vae.first_stage_model)
-    view.is_sd1 = True
+                        first_stage_model=vae.first_stage_model, **text)
+    setattr(view, f"is_{family}", True)
+    view.get_learned_conditioning = lambda prompts: forge_conditioning(sd_model, prompts)
     view.sd_checkpoint_info = getattr(sd_model, "sd_checkpoint_info", None)
     view.sd_model_hash = getattr(sd_model, "sd_model_hash", None)
     predictor = unet.model.predictor
     view.alphas_cumprod = predictor.alphas_cumprod
     view.parameterization = "v" if getattr(predictor, "prediction_type", "epsilon") == "v_prediction" else "eps"
     return view
+
+
+def forge_conditioning(sd_model, prompts):
+    """Forge's `get_learned_conditioning` (its prompt parser, emphasis, embeddings, CLIP skip; for
+    SDXL the pooled output and size embedding) without the `torch.inference_mode()` it is wrapped
+    in, so text-encoder LoRA layers get gradients. It loads `forge_objects.clip`, which
+    `clean_forge_weights` has set to the LoRA-free original."""
+    method = type(sd_model).get_learned_conditioning
+    unwrapped = getattr(method, "__wrapped__", None)
+    if unwrapped is None:
+        raise CannotTrainOnForge("This Forge's get_learned_conditioning is not the inference-mode-wrapped "
+                                 "function this trainer knows (no __wrapped__); this Forge version is not "
+                                 "supported for training. Use Forge at commit dfdcbab6 (docs/forge.md).")
+    cond = unwrapped(sd_model, prompts)
+    if isinstance(cond, dict):   # under an outer inference_mode (never in a job): usable as data only
+        return {k: v.clone() if v.is_inference() else v for k, v in cond.items()}
+    return cond.clone() if cond.is_inference() else cond
+
+
+def forge_layout(family: str):
+    """The WebUI layout of `family` as Forge holds it: Forge converts OpenCLIP text encoders (SDXL's
+    second) to transformers' CLIPTextModel when it loads a checkpoint, so every text encoder is named
+    the transformers way (`transformer.text_model.encoder.layers.N.self_attn.q_proj`) — the kohya
+    names (`lora_te2_text_model_encoder_layers_N_…`) are the same as from A1111's OpenCLIP."""
+    import dataclasses
+
+    from ..diffusion.families import OPENAI_CLIP
+    from .names import LAYOUTS
+
+    layout = LAYOUTS[family]
+    encoders = tuple(dataclasses.replace(e, clip_kind=OPENAI_CLIP) for e in layout.text_encoders)
+    return dataclasses.replace(layout, text_encoders=encoders)
+
+
+def trainable_family(sd_model) -> str:
+    family = forge_family(sd_model)
+    if family not in TRAINABLE_FAMILIES:
+        raise CannotTrainOnForge(f"Training in Forge supports SD1 and SDXL checkpoints so far; the loaded model "
+                                 f"is {family.upper()}. Train it with the headless trainer (lora-trainer "
+                                 "train) or in AUTOMATIC1111's WebUI.")
+    return family
 
 
 def forge_family(sd_model) -> str:
@@ -134,7 +183,7 @@ def check_can_train_forge(sd_model) -> None:
             "trained. Set 'Diffusion in Low Bits' (top of the page) to 'Automatic' or 'Automatic (fp16 "
             "LoRA)' with a fp16/bf16/fp32 checkpoint and start without --unet-in-fp8-e4m3fn / "
             "--unet-in-fp8-e5m2 / --clip-in-fp8-*, then train again.")
-    forge_family(sd_model)
+    trainable_family(sd_model)
 
 
 def _any_quantised(module: nn.Module) -> bool:
@@ -190,8 +239,20 @@ def clean_forge_weights(sd_model, memory_management=None) -> ForgeCleanReport:
     if problems:
         raise CannotTrainOnForge("Forge's LoRA patches could not be taken off the model (" + "; ".join(problems)
                                  + "). Reload the checkpoint (pick another one and back) and try again.")
-    sd_model.current_lora_hash = str([])   # the next generation applies its LoRAs afresh
+    forget_applied_loras(sd_model)
     return report
+
+
+def forget_applied_loras(sd_model) -> None:
+    """Put Forge's Lora bookkeeping in its just-loaded state: no LoRA applied. Its Lora extension
+    skips re-patching when a generation's LoRA list equals `current_lora_hash` and then reuses
+    `forge_objects_after_applying_lora`; so that hash and those objects must go back together (a
+    hash of "no LoRA" with the patched clones of an earlier `<lora:…>` left would render that LoRA
+    into the next generation without one)."""
+    originals = sd_model.forge_objects_original
+    sd_model.forge_objects = copy.copy(originals)
+    sd_model.forge_objects_after_applying_lora = copy.copy(originals)
+    sd_model.current_lora_hash = str([])
 
 
 def invalidate_forge_lora_caches(env, names=()) -> list[str]:
@@ -205,7 +266,7 @@ def invalidate_forge_lora_caches(env, names=()) -> list[str]:
         loader.cache_clear()
         done.append("dropped Forge's LoRA file cache")
     if env.sd_model is not None and is_forge_model(env.sd_model):
-        env.sd_model.current_lora_hash = str([])
+        forget_applied_loras(env.sd_model)
     refreshed = refresh_lora_cards(env, networks)
     if refreshed:
         done.append(refreshed)

@@ -1,17 +1,17 @@
-"""The Backbone protocol over the model Forge has loaded (SD1).
+"""The Backbone protocol over the model Forge has loaded (SD1, SDXL).
 
 The WebUI backbone does the layer naming, identity, freezing and gradient checkpointing on a view
-of Forge's modules under A1111's attribute paths (`forge.model_view`); this class replaces only the
-calls into the model, which go through Forge's own objects:
+of Forge's modules under A1111's attribute paths (`forge.model_view`, `forge.forge_layout`); this
+class replaces only the calls into the model, which go through Forge's own objects:
 
-- text: Forge's `text_processing_engine` (its prompt parser, emphasis, embeddings, CLIP skip) on the
-  CLIP patcher the memory manager has loaded, called without the `inference_mode` that Forge's
-  `get_learned_conditioning` wraps it in, so text-encoder LoRA layers get gradients;
+- text: Forge's `get_learned_conditioning` (its prompt parser, emphasis, embeddings, CLIP skip; for
+  SDXL the pooled output and the size embedding) on the CLIP patcher the memory manager has loaded,
+  called without the `inference_mode` Forge wraps it in, so text-encoder LoRA layers get gradients;
 - images: `encode_first_stage` / `decode_first_stage` (Forge's VAE patcher; no gradient needed),
   their inference-mode results cloned into ordinary tensors;
-- the UNet: `diffusion_model(x, t, context=c)` directly, as the training objective needs the raw
-  epsilon / v prediction (Forge's `apply_model` works in k-diffusion's sigma space), in Forge's
-  computation dtype.
+- the UNet: `diffusion_model(x, t, context=c, y=vector)` directly, as the training objective needs
+  the raw epsilon / v prediction (Forge's `apply_model` works in k-diffusion's sigma space), in
+  Forge's computation dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import logging
 import torch
 
 from .backbone import WebuiBackbone
-from .forge import AutogradWeights, clean_forge_weights, forge_parts, model_view
+from .forge import AutogradWeights, clean_forge_weights, forge_layout, forge_parts, model_view
+from .names import family_of
 
 log = logging.getLogger("lora_trainer")
 
@@ -46,6 +47,13 @@ class ForgeBackbone(WebuiBackbone):
         self.compute_dtype = getattr(unet.model, "computation_dtype", self.dtype)
         self.autograd = AutogradWeights(self.model)   # entered by the job around training
         self._norms: list = []
+
+    reports_webui_lookup = False   # A1111's lookup; Forge's loader maps kohya's lora_te1_/lora_te2_ keys itself
+    blocks_modify_their_input = True   # Forge's transformer blocks: `x += attn1(norm1(x))`
+
+    @staticmethod
+    def layout_of(view):
+        return forge_layout(family_of(view))
 
     def freeze(self) -> None:
         super().freeze()
@@ -111,15 +119,10 @@ class ForgeBackbone(WebuiBackbone):
         return latents.float().clone()
 
     def encode_text(self, captions, sizes=None):
-        _, clip, _ = forge_parts(self.forge_model)
-        self._load(clip.patcher)
         set_clip_skip = getattr(self.forge_model, "set_clip_skip", None)
         if set_clip_skip is not None:   # what Forge's processing sets before every generation
             set_clip_skip(self._clip_skip())
-        cond = self.forge_model.text_processing_engine(list(captions))
-        if cond.is_inference():   # under an outer inference_mode (never in a job): usable as data only
-            cond = cond.clone()
-        return {"crossattn": self._first_chunk(cond)}
+        return super().encode_text(captions, sizes)   # through the view's forge_conditioning
 
     def predict(self, noisy_latents, timesteps, cond) -> torch.Tensor:
         unet, _, _ = forge_parts(self.forge_model)
@@ -128,8 +131,9 @@ class ForgeBackbone(WebuiBackbone):
         x = noisy_latents.to(self.device, dtype)
         t = timesteps.to(self.device).float()
         c = cond["crossattn"].to(self.device, dtype)
+        y = cond["vector"].to(self.device, dtype) if "vector" in cond else None   # SDXL: pooled text + sizes
         with self._half_precision_autocast():
-            return self.unet(x, t, context=c).float()
+            return self.unet(x, t, context=c, y=y).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

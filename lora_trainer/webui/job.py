@@ -114,9 +114,14 @@ def prepare_config(cfg, env: WebuiEnv, backbone: WebuiBackbone):
         log.info("the WebUI model is %s and computes in %s: training with mixed_precision %s",
                  backbone.dtype, compute, changes["mixed_precision"])
     elif compute != backbone.dtype:
-        # Forge on the CPU: 16-bit storage, fp32 computation (each weight cast as it is used)
+        # Forge on the CPU: 16-bit storage, fp32 computation. Forge casts each weight as a layer
+        # uses it, and autograd keeps every cast copy for backward: a whole fp32 copy of the UNet
+        # by the end of the forward pass, unless the blocks recompute their activations.
+        if not cfg.gradient_checkpointing:
+            changes["gradient_checkpointing"] = True
         log.info("the WebUI model is %s and Forge computes in %s: training in place with mixed_precision "
-                 "%s (the LoRA in fp32)", backbone.dtype, compute, cfg.mixed_precision)
+                 "%s (the LoRA in fp32) and gradient checkpointing (no fp32 copies of the weights kept "
+                 "for backward)", backbone.dtype, compute, cfg.mixed_precision)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

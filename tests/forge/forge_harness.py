@@ -98,19 +98,20 @@ def sd15_checkpoint(folder: Path) -> Path:
     return _written[folder]
 
 
-def prepare_forge_data(data: Path, checkpoint: Path) -> dict:
-    """A Forge --data-dir: the SD1.5-shaped checkpoint, this extension + the harnesses, a dataset."""
+def prepare_forge_data(data: Path, checkpoint: Path, name: str = CHECKPOINT) -> dict:
+    """A Forge --data-dir: the checkpoint (as `name`, the one selected), this extension + the
+    harnesses, a dataset."""
     from lora_trainer.tools.demo import write_dataset
 
     models = data / "models" / "Stable-diffusion"
     models.mkdir(parents=True)
-    (models / CHECKPOINT).symlink_to(checkpoint)
+    (models / name).symlink_to(checkpoint)
     extension = install_extension(data / "extensions")
     harness = data / "extensions" / "lora_trainer_forge_harness" / "scripts"
     harness.mkdir(parents=True)
     (harness / "forge_harness.py").write_text(FORGE_HARNESS)
     (data / "config.json").write_text(json.dumps({"live_previews_enable": False,
-                                                  "sd_model_checkpoint": CHECKPOINT}))
+                                                  "sd_model_checkpoint": name}))
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     return {"data": data, "extension": extension, "env": env,

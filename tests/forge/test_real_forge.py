@@ -97,8 +97,10 @@ def test_train_on_the_loaded_forge_model(forge):
     stacked = "lt_demo, <lora:{name}:0.7> <lora:forge_a:0.5>"
     second = json.loads(tab_api(url, config(forge, "forge_b", preview_prompts=[stacked]))[0])
     assert second["status"] == "finished", second
-    # the job took forge_a's patches (merged by the txt2img above) off and gave the model back
+    # the job took the patches of its stacked previews off and gave the model back; the next
+    # generation without a LoRA renders without one (Forge's Lora bookkeeping was reset with them)
     assert state(url)["digest"] == before["digest"]
+    assert np.array_equal(txt2img(url, "lt_demo", steps=2), without_lora)
     assert np.array_equal(txt2img(url, stacked.format(name="forge_b"), steps=2), last_preview(second))
 
 
