@@ -106,7 +106,7 @@ def check_resume_model(cfg, backbone: WebuiBackbone) -> None:
 def prepare_config(cfg, env: WebuiEnv, backbone: WebuiBackbone):
     """What the WebUI decides for a job: outputs outside the Lora scan, precision of the loaded model."""
     check_run_dir(cfg.run_dir, env)
-    changes = {}
+    changes: dict[str, object] = {}
     compute = backbone.compute_dtype
     if compute in (torch.float16, torch.bfloat16) and cfg.mixed_precision == "no":
         # the loaded weights are half precision and are trained in place (no fp32 copy)
