@@ -8,7 +8,7 @@ have the real shapes: e.g. the random-weight one `benchmarks/bench_realsize.py` 
 fp16). Forge runs with --unet-in-bf16 so the model fits a 24 GB machine (the UNet in bf16, about
 5 GB, Forge computing in fp32 on the CPU); one Forge server of its own, 11-12 GB RSS while training
 (gradient checkpointing, which the job switches on for 16-bit storage computed in fp32), more while
-Forge renders with the LoRA merged (it keeps a copy of every weight it patches)."""
+Forge renders with the LoRA merged (it keeps a copy of every weight it patches): up to 15 GB."""
 from __future__ import annotations
 
 import json
