@@ -1,6 +1,5 @@
-"""The package type-checks, all but the gradio tab ui/ (mypy, pinned in .ci/constraints.txt; what
-is checked and the settings are in pyproject.toml [tool.mypy]), so `.ci/run` fails on a type error
-like on a failing test."""
+"""The whole package type-checks (mypy, pinned in .ci/constraints.txt; settings in pyproject.toml
+[tool.mypy]), so `.ci/run` fails on a type error like on a failing test."""
 from __future__ import annotations
 
 import subprocess
