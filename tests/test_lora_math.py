@@ -65,6 +65,22 @@ def test_scale_is_alpha_over_rank_times_multiplier(model_and_inputs):
     assert torch.allclose(m.q(x), expected, atol=1e-6)
 
 
+def test_scale_follows_an_alpha_loaded_from_a_checkpoint_or_a_file(model_and_inputs):
+    """The scale is kept as a Python number (no host sync per layer per step): every way alpha is
+    written must refresh it."""
+    m, x, img = model_and_inputs
+    source = LoRANetwork([targets_of(m)[0]], rank=4, alpha=1.0)
+    randomise(source)
+    net = LoRANetwork([targets_of(m)[0]], rank=4, alpha=4.0)
+    net.load_state_dict(source.state_dict())
+    assert net.adapters["lora_unet_q"].scale == pytest.approx(0.25)
+    other = LoRANetwork([targets_of(m)[0]], rank=4, alpha=4.0)
+    tensors = {k.split(".", 1)[1]: v for k, v in network_tensors(source, "fp32").items()}
+    tensors["alpha"] = torch.tensor(2.0)
+    other.adapters["lora_unet_q"].load_file_tensors(tensors)
+    assert other.adapters["lora_unet_q"].scale == pytest.approx(0.5)
+
+
 def test_merge_equals_wrapped_forward_and_unmerge_restores_bytes(model_and_inputs):
     m, x, img = model_and_inputs
     originals = {k: v.clone() for k, v in m.state_dict().items()}

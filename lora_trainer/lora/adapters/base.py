@@ -70,6 +70,17 @@ class Adapter(nn.Module):
         self.multiplier = 1.0
         # alpha is saved in the file as a 0-dim tensor; a buffer keeps it in state_dict()
         self.register_buffer("alpha", torch.tensor(float(spec.rank if spec.alpha is None else spec.alpha)))
+        self._remember_alpha()
+
+    def _remember_alpha(self) -> None:
+        """Keep alpha as a Python number too: reading the tensor in every forward is a host sync
+        per layer per step (and a graph break under torch.compile). Refreshed wherever the buffer
+        is written: on load_state_dict and load_file_tensors."""
+        self._alpha_value = float(self.alpha)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._remember_alpha()
 
     def _add_dora(self, spec: AdapterSpec) -> None:
         """Subclasses call this after their own parameters, so the parameter order is stable."""
@@ -107,7 +118,7 @@ class Adapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.dim if self.dim is not None else 1.0
+        return self._alpha_value / self.dim if self.dim is not None else 1.0
 
     def base_weight(self) -> torch.Tensor:
         return self._base[0].weight
@@ -169,6 +180,7 @@ class Adapter(nn.Module):
         for file_key, state_key in wanted.items():
             if file_key in tensors:
                 own[state_key].copy_(tensors[file_key])
+        self._remember_alpha()
 
     # ---- metadata (what kohya/LyCORIS write, so tools that read it recognise the type) -----------------
     def network_module(self) -> str:
