@@ -51,6 +51,7 @@ class DiffusersBackbone(DiffusionBackbone):
         # (None: components can only be moved, never dropped)
         self._reload = reload
         self._parked: dict = {}   # component name -> "dropped" | "cpu"
+        self._training_unet = None   # compile_training_step: the compiled callable over self.unet
         self.vae_tile_size = 0
         self.text_encoders = [m for m in (text_encoder, text_encoder_2) if m is not None]
         self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
@@ -192,13 +193,19 @@ class DiffusersBackbone(DiffusionBackbone):
         ids = [[*s["original"], *s["crop"], *s["target"]] for s in sizes]
         return torch.tensor(ids, dtype=torch.float32, device=self.device)
 
+    def compile_training_step(self, backend: str = "inductor") -> None:
+        from .compiled import compiled_for_training
+        self._training_unet = compiled_for_training(self.unet, self.device, backend)
+
     def predict(self, noisy_latents, timesteps, cond):
+        # the compiled graph is the training step's; previews (no_grad) stay eager
+        unet = self._training_unet if self._training_unet is not None and torch.is_grad_enabled() else self.unet
         extra = {}
         if self.family.name == "sdxl":
             extra["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"].to(self.dtype),
                                           "time_ids": cond["time_ids"].to(self.dtype)}
-        return self.unet(noisy_latents.to(self.dtype), timesteps.to(self.device),
-                         encoder_hidden_states=cond["crossattn"].to(self.dtype), **extra).sample
+        return unet(noisy_latents.to(self.dtype), timesteps.to(self.device),
+                    encoder_hidden_states=cond["crossattn"].to(self.dtype), **extra).sample
 
     @torch.no_grad()
     def decode_latents(self, latents):

@@ -230,6 +230,17 @@ class TrainConfig:
         "The LoRA, optimizer and loss stay fp32; the VAE stays fp32. Headless only: in the WebUI the "
         "loaded model is trained as the WebUI holds it.", "Training",
         choices=("auto", "fp32", "fp16", "bf16"), resume="force", advanced=True)
+    compile: bool = setting(
+        False, "Run the training step through torch.compile: faster steps after a first step that "
+        "compiles for minutes (cached on disk for later runs; each new image shape compiles again, so "
+        "it pays most with one bucket). Needs a C++ compiler on the CPU, triton on a GPU. A run resumes "
+        "exactly in the mode it ran in. Headless only (the WebUI's model is shared with generation).",
+        "Training", tasks=SD, resume="force", advanced=True)
+    compile_backend: str = setting(
+        "inductor", "torch.compile backend when compile is on: 'inductor' (generated fused kernels: the "
+        "speed-up) or 'aot_eager' (the same graph capture with torch's own kernels: no speed-up, but "
+        "tells a compiler problem from a model problem).", "Training", choices=("inductor", "aot_eager"),
+        tasks=SD, resume="force", advanced=True)
     gradient_checkpointing: bool = setting(False, "Trade compute for memory (recompute activations).",
                                            "Training", resume="free")
     seed: int = setting(42, "Seed for data order, crops, captions, noise and timesteps.", "Training",

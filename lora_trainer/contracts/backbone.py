@@ -84,3 +84,9 @@ class DiffusionBackbone(Backbone, Protocol):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images [B,3,H,W] in [0,1] (previews)."""
         ...
+
+    def compile_training_step(self, backend: str = "inductor") -> None:
+        """Run `predict` through torch.compile while gradients are on (config `compile: true`);
+        previews and everything else under no_grad keep the eager model. Optional: the default
+        refuses, naming the field, for hosts whose model must not be compiled."""
+        raise ValueError(f"compile: true is not available with {type(self).__name__}; set compile: false")

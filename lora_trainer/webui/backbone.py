@@ -206,6 +206,12 @@ class WebuiBackbone(DiffusionBackbone):
                     del m.__dict__["forward"]
             self._checkpointed.clear()
 
+    def compile_training_step(self, backend: str = "inductor") -> None:
+        raise ValueError("compile: true is headless only: the WebUI's loaded model also serves its "
+                         "generations, and a compiled copy of its step would recompile for minutes "
+                         "whenever the WebUI changes the model. Set compile: false here, or train "
+                         "headless (lora-trainer train) to use it")
+
     def release(self) -> None:
         """Undo what this backbone changed on the model (gradient checkpointing)."""
         self.set_gradient_checkpointing(False)

@@ -26,6 +26,8 @@ class SDTraining:
         self.samples = SampleSource(cfg, index, backbone, self.buckets)
         if hasattr(backbone, "vae_tile_size"):   # (the WebUI's backbone encodes its own way)
             backbone.vae_tile_size = cfg.vae_tile_size
+        if cfg.compile:
+            backbone.compile_training_step(cfg.compile_backend)
 
     def batch_keys(self):
         return self.buckets.per_record
