@@ -113,6 +113,11 @@ def torch_checks() -> list[Check]:
         return [Check("torch", "fail", f"cannot import torch: {error} (install torch for your GPU first)")]
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     checks = [Check("torch", "ok", f"{torch.__version__} ({build}, {torch.get_num_threads()} CPU threads)")]
+    native_bf16 = system.cpu_native_bf16()
+    if native_bf16 is not None:
+        checks.append(Check("CPU bf16", "ok" if native_bf16 else "warn",
+                            f"native ({native_bf16}): mixed_precision: bf16 speeds CPU steps up" if native_bf16
+                            else "emulated: on the CPU, mixed_precision: bf16 saves memory but is slower than fp32"))
     if not torch.cuda.is_available():
         checks.append(Check("device", "warn", "no CUDA GPU: training runs on the CPU, slowly (real-size SD1.5 "
                             "at 512 px: tens of seconds per step; doctor --config times your run)"))
@@ -318,6 +323,13 @@ def config_checks(cfg) -> list[Check]:
     checks = []
     if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         checks.append(Check("bitsandbytes", "fail", "optimizer: adamw8bit needs it (pip install bitsandbytes)"))
+    if cfg.task_type == "sd" and cfg.compile and cfg.compile_backend == "inductor":
+        from ..backbones.compiled import compiler_problem
+        from .session import resolve_device
+
+        problem = compiler_problem(resolve_device(cfg.device))
+        checks.append(Check("compile", "fail" if problem else "ok", f"{problem}; or set compile: false" if problem
+                            else "torch.compile can build kernels here (the first step compiles for minutes)"))
     return checks
 
 

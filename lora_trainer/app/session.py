@@ -14,6 +14,7 @@ import torch
 from ..config.load import cfg_warnings, write_effective_config
 from ..monitor.logfile import attach_run_log
 from ..monitor.run_log import run_monitors
+from ..monitor import system
 from ..monitor.system import PhasePeaks
 from ..storage.run_lock import hold_run_folder
 from ..tasks import task_for
@@ -45,6 +46,15 @@ def base_dtype(cfg, device: torch.device) -> torch.dtype:
     if cfg.base_dtype != "auto":
         return _DTYPES[cfg.base_dtype]
     return _DTYPES.get(cfg.mixed_precision, torch.float32)
+
+
+def precision_advice(cfg, device: torch.device) -> str | None:
+    """bf16 on a CPU that emulates it trains slower than fp32 (it still halves the memory)."""
+    if cfg.mixed_precision != "bf16" or device.type != "cpu" or system.cpu_native_bf16() != "":
+        return None
+    return ("mixed_precision: bf16 on this CPU, which has no native bf16 (AMX or AVX512-BF16): steps are "
+            "emulated and slower than fp32. It still halves the model's memory; for speed set "
+            "mixed_precision: no")
 
 
 def index_dataset(cfg):
@@ -93,8 +103,9 @@ def _run_training_locked(cfg, backbone, control, observers, previewer, force_res
     # only rank 0 writes train.log, the effective config, cards and monitors
     with attach_run_log(run_dir) if dist.is_main else contextlib.nullcontext():
         try:
-            for w in cfg_warnings(cfg):
-                log.warning(w)
+            for w in [*cfg_warnings(cfg), precision_advice(cfg, backbone.device)]:
+                if w:
+                    log.warning(w)
             index = index or index_dataset(cfg)
             for w in index.warnings:
                 log.warning(w)

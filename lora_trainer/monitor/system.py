@@ -47,6 +47,17 @@ def environment_info(device: torch.device | str | None = None, dtype: torch.dtyp
     return info
 
 
+def cpu_native_bf16() -> str | None:
+    """The CPU feature that runs bf16 matrix maths natively ("AMX", "AVX512-BF16"), "" when it has
+    none (bf16 is then emulated: slower than fp32), None when this torch cannot tell."""
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else ""
+    except AttributeError:   # (private probes: absent in some torch versions)
+        return None
+
+
 def gpu_name(device: torch.device) -> str | None:
     try:
         return torch.cuda.get_device_name(device)
