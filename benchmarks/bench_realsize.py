@@ -3,7 +3,9 @@ shapes (fp16 single files, LDM/SGM layout, ~2.1 GB and ~6.9 GB), on the CPU.
 
     .venv-bench/bin/python benchmarks/bench_realsize.py --family sd1     # ~10 GB of free RAM
     .venv-bench/bin/python benchmarks/bench_realsize.py --family sdxl    # ~18 GB of free RAM
-    options: --steps N (3), --resolution PX, --base-dtype auto|fp32|bf16, --json FILE, --build-only
+    options: --steps N (3), --resolution PX, --base-dtype auto|fp32|bf16, --compile, --json FILE, --build-only
+    .venv-bench/bin/python benchmarks/bench_realsize.py --family sd1 --levers --steps 5
+        # the fast-path levers one after another on the same file: fp32, bf16, bf16 + compile
 
 The files are built once from the shipped configs (lora_trainer/backbones/configs/sd1, sdxl) and
 kept in $LORA_TRAINER_BENCH_MODELS (default: ~/.cache/lora_trainer/bench-models), never in the
@@ -151,7 +153,7 @@ def _phases_from_log(text: str) -> dict:
 
 # ---- the parent --------------------------------------------------------------------------------------
 
-def run_family(family: str, steps: int, resolution: int, base_dtype: str) -> dict:
+def run_family(family: str, steps: int, resolution: int, base_dtype: str, compile: bool = False) -> dict:
     from lora_trainer.tools.demo import write_dataset
 
     model = build_file(family)
@@ -162,7 +164,7 @@ def run_family(family: str, steps: int, resolution: int, base_dtype: str) -> dic
               "output_name": f"bench-{family}", "resolution": resolution, "batch_size": 1, "lora_rank": 8,
               "max_train_steps": steps, "gradient_checkpointing": True, "save_steps": 0,
               "base_dtype": base_dtype, "mixed_precision": mixed, "write_card": False,
-              "tensorboard": False, "num_threads": 2, "log_every_n_steps": 1}
+              "tensorboard": False, "num_threads": 2, "log_every_n_steps": 1, "compile": compile}
     config_path = work / "config.yaml"
     config_path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in config.items()))
     env = dict(os.environ, LORA_TRAINER_CACHE=str(work / "cache"), OMP_NUM_THREADS="2",
@@ -179,6 +181,7 @@ def run_family(family: str, steps: int, resolution: int, base_dtype: str) -> dic
     measured = json.loads(line[-1][len(RESULT_PREFIX):])
     cache = {name: _folder_bytes(work / "cache" / name) for name in ("latents", "text")}
     return dict(family=family, model=str(model), model_gib=model.stat().st_size / GIB, resolution=resolution, steps=steps,
+                compile=compile,
                 base_dtype=base_dtype, mixed_precision=mixed, wall_s=wall, process_peak_gib=usage.ru_maxrss * 1024 / GIB,
                 cache_bytes=cache, workdir=str(work), **measured)
 
@@ -203,7 +206,8 @@ def report(r: dict) -> str:
     per_step = [b - a for a, b in zip(r["steps_at"], r["steps_at"][1:])]
     load_s, caching, setup = (phases.get(k, {}).get("seconds", 0.0) for k in ("load", "caching", "setup"))
     lines = [f"== {r['family']}: {r['model_gib']:.2f} GiB fp16 file, base {r['base_dtype']} "
-             f"(mixed_precision {r['mixed_precision']}), {r['resolution']} px, batch 1, rank 8, "
+             f"(mixed_precision {r['mixed_precision']}{', compile' if r.get('compile') else ''}), "
+             f"{r['resolution']} px, batch 1, rank 8, "
              f"gradient checkpointing, {r['steps']} steps, 2 threads",
              f"  time to first step {first:.1f} s from process start (the step itself included): imports "
              f"{r['imports_s']:.1f} s, load {load_s:.1f} s, set-up {setup:.1f} s, caching {caching:.1f} s, "
@@ -229,6 +233,30 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+LEVERS = (("eager fp32", "fp32", False), ("bf16", "bf16", False), ("bf16 + compile", "bf16", True))
+
+
+def compare_levers(family: str, steps: int, resolution: int, json_path: Path | None) -> None:
+    """The fast-path levers on the real-size model, one run after another (each alone in memory).
+    Steps 1-2 are not compared: the first compiles (compile) or warms the allocator (the others)."""
+    if steps < 4:
+        raise SystemExit("--levers needs --steps >= 4 (two warm-up steps, two or more compared)")
+    results = {}
+    for label, base_dtype, compile in LEVERS:
+        results[label] = run_family(family, steps, resolution, base_dtype, compile)
+        print(report(results[label]), flush=True)
+    print(f"load average {os.getloadavg()}; shared machine: timings are distorted by other processes")
+    eager = None
+    for label, r in results.items():
+        per_step = sorted(b - a for a, b in zip(r["steps_at"][1:], r["steps_at"][2:]))
+        median = per_step[len(per_step) // 2]
+        eager = eager or median
+        print(f"  {label:16s} {median:7.2f} s/step (median of steps 3-{steps})  {eager / median:5.2f}x eager  "
+              f"first step {r['steps_at'][0] - r['first_step_begins_s']:.0f} s  peak {r['process_peak_gib']:.2f} GiB")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=1))
+
+
 def _target(what: str, value: float, limit: float, unit: str = "GiB") -> str:
     return f"    {what:<66} {value:8.2f} {unit} vs {limit:8.2f} {unit}  {'MET' if value <= limit else 'NOT MET'}"
 
@@ -239,6 +267,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--base-dtype", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--compile", action="store_true", help="compile: true (the first step compiles)")
+    parser.add_argument("--levers", action="store_true",
+                        help="run fp32, bf16 and bf16 + compile one after another and compare their steps")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -249,8 +280,10 @@ def main() -> None:
         print(build_file(args.family))
         return
     defaults = DEFAULTS[args.family]
+    if args.levers:
+        return compare_levers(args.family, args.steps, args.resolution or defaults["resolution"], args.json)
     result = run_family(args.family, args.steps, args.resolution or defaults["resolution"],
-                        args.base_dtype or defaults["base_dtype"])
+                        args.base_dtype or defaults["base_dtype"], args.compile)
     print(f"load average {os.getloadavg()}; shared machine: timings are distorted by other processes")
     print(report(result))
     if args.json:

@@ -131,10 +131,11 @@ def prepare(workdir: Path) -> dict:
     return info
 
 
-def train_config(workdir: Path, tag: str, steps: int, save_steps: int) -> dict:
-    """The one config every Trainer run uses (paths differ per run)."""
+def train_config(workdir: Path, tag: str, steps: int, save_steps: int, **overrides) -> dict:
+    """The one config every Trainer run uses (paths differ per run; `overrides` for the fast-path
+    levers of bench_fastpath.py)."""
     run = workdir / "runs" / tag
-    return {
+    return {**{
         "train_data_dir": str(workdir / "data"),
         "base_model": str(model_path(workdir)),
         "output_dir": str(run / "out"),
@@ -153,7 +154,7 @@ def train_config(workdir: Path, tag: str, steps: int, save_steps: int) -> dict:
         "epochs": 1000,
         "max_train_steps": steps,
         "save_steps": save_steps,
-    }
+    }, **overrides}
 
 
 # =================================================================================================
@@ -230,7 +231,7 @@ class StepClock:
 
 
 def worker_ours(workdir: Path, steps: int, save_steps: int, tag: str, lockstep: bool,
-                profile: bool) -> dict:
+                profile: bool, overrides: dict | None = None, keep_run: bool = False) -> dict:
     """The real Trainer through `train_from_config`, timed by a TrainingObserver. A step's time runs
     from the go after the previous on_step to this on_step: the previous step's _after_step (its
     checkpoint, if any), data, forward/backward, clipping, optimizer, scheduler and the run's other
@@ -268,7 +269,7 @@ def worker_ours(workdir: Path, steps: int, save_steps: int, tag: str, lockstep: 
             self.end = time.perf_counter()
 
     shutil.rmtree(workdir / "runs" / tag, ignore_errors=True)
-    cfg = config_from_dict(train_config(workdir, tag, steps, save_steps), base_dir=workdir)
+    cfg = config_from_dict(train_config(workdir, tag, steps, save_steps, **(overrides or {})), base_dir=workdir)
     observer = Clock()
     t0 = time.perf_counter()
     profiler = cProfile.Profile() if profile else None
@@ -290,7 +291,8 @@ def worker_ours(workdir: Path, steps: int, save_steps: int, tag: str, lockstep: 
         "final_save_seconds": [observer.end - observer.last_step_end],
         **tracker.result(),
     }
-    shutil.rmtree(workdir / "runs" / tag, ignore_errors=True)
+    if not keep_run:
+        shutil.rmtree(workdir / "runs" / tag, ignore_errors=True)
     if profiler:
         out["profile"] = profile_text(profiler)
     return out
@@ -399,14 +401,17 @@ def worker_reencode(workdir: Path, steps: int, lockstep: bool) -> dict:
     return {**clock.result(), **tracker.result()}
 
 
-def worker_floor(workdir: Path, steps: int, lockstep: bool) -> dict:
+def worker_floor(workdir: Path, steps: int, lockstep: bool, channels_last: bool = False) -> dict:
     """Nothing but the UNet forward/backward through the LoRA layers and the AdamW step, on tensors
-    made before the loop."""
+    made before the loop. `channels_last`: the UNet's weights and input in NHWC (a lever measured by
+    bench_fastpath.py)."""
     import torch
     import torch.nn.functional as F
 
     backbone, params, optimizer = load_frozen_with_lora(workdir)
     unet = backbone.unet
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    unet.to(memory_format=memory_format)
     generator = torch.Generator().manual_seed(SEED)
     latent_size = RESOLUTION // 8
     latents = torch.randn((BATCH, 4, latent_size, latent_size), generator=generator)
@@ -414,7 +419,7 @@ def worker_floor(workdir: Path, steps: int, lockstep: bool) -> dict:
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (BATCH,), generator=generator)
     a = backbone.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).contiguous(memory_format=memory_format)
 
     tracker = PeakTracker()
     tracker.start_training()
@@ -479,16 +484,20 @@ class Worker:
     """One measured process (this file with --worker) and the parent's end of its pipes."""
 
     def __init__(self, workdir: Path, kind: str, steps: int = 0, save_steps: int = 0, tag: str = "",
-                 lockstep: bool = True, profile: bool = False):
+                 lockstep: bool = True, profile: bool = False, *, script: str | None = None,
+                 extra_args: tuple = (), extra_env: dict | None = None, drop_env: tuple = ()):
+        """`script`: the benchmark file whose --worker runs the measurement (default this one)."""
         self.kind = kind
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(workdir),
-               "--steps", str(steps), "--save-steps", str(save_steps), "--tag", tag or kind]
+        cmd = [sys.executable, str(Path(script or __file__).resolve()), "--worker", kind, "--workdir",
+               str(workdir), "--steps", str(steps), "--save-steps", str(save_steps), "--tag", tag or kind]
         cmd += [] if lockstep else ["--free"]
         cmd += ["--profile"] if profile else []
+        cmd += list(extra_args)
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if lockstep else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True, cwd=REPO,
-                                     env=env_for(workdir, tag or kind))
+                                     env={k: v for k, v in {**env_for(workdir, tag or kind), **(extra_env or {})}.items()
+                                          if k not in drop_env})
         self.result = None
 
     def expect(self, what: str) -> None:
@@ -537,7 +546,12 @@ def run_alone(workdir: Path, kind: str, **kwargs) -> dict:
 
 def lockstep_round(workdir: Path, r: int, steps: int, save_steps: int) -> dict:
     """Start every training variant, then let them take one step each in turn (rotating order)."""
-    workers = {name: Worker(workdir, name, steps, save_steps, f"{name}-{r}") for name in TRAINING_VARIANTS}
+    return run_lockstep({name: Worker(workdir, name, steps, save_steps, f"{name}-{r}")
+                         for name in TRAINING_VARIANTS}, r, steps)
+
+
+def run_lockstep(workers: dict, r: int, steps: int) -> dict:
+    """Started workers -> their results: one step each in turn, the order rotating by step and round."""
     try:
         for worker in workers.values():
             worker.expect("wait")            # loaded and set up, waiting before its first step

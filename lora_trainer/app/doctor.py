@@ -116,7 +116,7 @@ def torch_checks() -> list[Check]:
     native_bf16 = system.cpu_native_bf16()
     if native_bf16 is not None:
         checks.append(Check("CPU bf16", "ok" if native_bf16 else "warn",
-                            f"native ({native_bf16}): mixed_precision: bf16 speeds CPU steps up" if native_bf16
+                            f"native ({native_bf16}): mixed_precision: bf16 is faster than fp32 here" if native_bf16
                             else "emulated: on the CPU, mixed_precision: bf16 saves memory but is slower than fp32"))
     if not torch.cuda.is_available():
         checks.append(Check("device", "warn", "no CUDA GPU: training runs on the CPU, slowly (real-size SD1.5 "

@@ -1,0 +1,331 @@
+"""The fast path against the eager run and a kohya-equivalent cached step, side by side on CPU.
+
+    .venv/bin/python benchmarks/bench_fastpath.py             # 3 rounds per OpenMP wait policy
+    .venv/bin/python benchmarks/bench_fastpath.py --quick     # 1 round per policy, fewer steps
+
+Same model, data and settings as bench_training.py (SD1-shaped 35M-parameter UNet, 256 px, batch 2,
+rank 8, attn-mlp, AdamW, 2 threads). Rows, each its own process, all in LOCKSTEP (one optimizer step
+at a time, round-robin; see bench_training.py):
+
+  eager            the real Trainer (train_from_config), fp32: the reference
+  bf16             + mixed_precision: bf16 (base weights held in bf16, autocast)
+  compile          + compile: true (torch.compile, inductor)
+  fast path        + compile: true + mixed_precision: bf16
+  floor            bench_training's floor (bare UNet fwd/bwd + AdamW on pre-made tensors)
+  floor NHWC       the floor with channels_last weights and input (the lever on its own)
+  kohya-equiv.     a loop doing what kohya-ss/sd-scripts' train_network.py does per step for SD1 with
+                   --cache_latents (written here from its documented behaviour, no code taken):
+                   latents cached in memory, the frozen text encoder run on the captions every step
+                   (SD1 has no text-encoder-output cache there), DDPMScheduler.add_noise, the noisy
+                   latents requiring grad, per-sample MSE then mean, clip_grad_norm_ 1.0, AdamW,
+                   scheduler step. Its LoRA layers compute org(x) + up(down(x)) * multiplier * scale,
+                   which is what our LoRANetwork computes; weights are in freshly allocated memory
+                   (as kohya's load_state_dict into a built model; our single-file loader does the same).
+
+Rounds alternate the OpenMP wait policy (PASSIVE: waiting threads sleep; default: OMP_WAIT_POLICY
+unset, where GNU OpenMP's threads spin a short while before they sleep), so both are measured within
+one run under the same background load. After the rounds, a
+correctness pass (not timed) checks the fast path: its LoRA after CHECK_STEPS steps against eager's
+(the tolerance is stated in the table), and a fast-path run stopped half way and resumed in a new
+process against an uninterrupted one (must be byte-identical: exact resume within the mode).
+
+The first step of a compiled run compiles (minutes on a cold torch cache; later runs reuse the cache
+in /tmp/torchinductor_<user>); the first WARMUP_STEPS steps of every run are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_training as bt   # noqa: E402  (the shared model, data, clock and lockstep machinery)
+
+VARIANTS = {   # row -> Trainer config overrides (None: a hand-written loop)
+    "eager": {},
+    "bf16": {"mixed_precision": "bf16"},
+    "compile": {"compile": True},
+    "fast path": {"compile": True, "mixed_precision": "bf16"},
+    "floor": None,
+    "floor NHWC": None,
+    "kohya-equiv.": None,
+}
+FAST = VARIANTS["fast path"]
+# PASSIVE: waiting OpenMP threads sleep. "default": OMP_WAIT_POLICY unset, torch's own setting (GNU
+# OpenMP spins a short while, then sleeps). Not ACTIVE: with it GNU OpenMP spins without end, so the
+# variants waiting for their turn in lockstep would burn the cores the measured one needs.
+POLICIES = ("PASSIVE", "default")
+MODES = {"quick": {"steps": 8, "rounds": 1}, "full": {"steps": 16, "rounds": 3}}
+CHECK_STEPS = 8
+TARGET_VS_KOHYA = 1.25
+# eager vs fast path after CHECK_STEPS steps, on the trained (up) weights taken as one vector:
+# bf16 keeps 8 bits of mantissa, and AdamW's first steps move each weight by about lr * sign(grad),
+# so weights whose gradient is near zero may step the other way; what must hold is the direction
+# and size of what was learned. (Element-wise they differ by up to ~70% of the largest weight.)
+TOLERANCE_COSINE = 0.98       # cosine similarity of the two runs' up weights, at least
+TOLERANCE_REL_NORM = 0.15     # |fast - eager| / |eager| of the up weights, at most
+
+
+# =================================================================================================
+# Workers
+# =================================================================================================
+
+def worker_kohya_equivalent(workdir: Path, steps: int, lockstep: bool) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    from lora_trainer.training.optim import build_scheduler
+
+    backbone, params, optimizer = bt.load_frozen_with_lora(workdir)
+    scheduler = build_scheduler(optimizer, "constant", 0, steps)
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    num_train_timesteps=1000, clip_sample=False)
+    items = bt.dataset_items(workdir)
+    torch.manual_seed(bt.SEED)
+    generator = torch.Generator().manual_seed(bt.SEED)
+    with torch.no_grad():   # --cache_latents: every image encoded once, kept in memory
+        latents_cache = []
+        for path, _ in items:
+            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+            pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+            latents_cache.append(backbone.encode_image(pixels, generator)[0])
+    order = torch.randperm(len(items), generator=generator).tolist()
+
+    tracker = bt.PeakTracker()
+    tracker.start_training()
+    clock = bt.StepClock(lockstep)
+    for k in range(steps):
+        clock.begin()
+        picked = [order[(k * bt.BATCH + i) % len(order)] for i in range(bt.BATCH)]
+        latents = torch.stack([latents_cache[i] for i in picked])
+        with torch.no_grad():   # the frozen text encoder, every step
+            cond = backbone.encode_text([items[i][1] for i in picked])["crossattn"]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (bt.BATCH,))
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps).requires_grad_(True)
+        prediction = backbone.unet(noisy, timesteps, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean([1, 2, 3]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.end()
+    return {**clock.result(), **tracker.result()}
+
+
+def worker_trainer(workdir: Path, steps: int, tag: str, lockstep: bool, overrides: dict,
+                   phase: str = "timed") -> dict:
+    """The real Trainer with `overrides`. phase "timed": a fresh, timed run (bench_training's
+    worker_ours); "stop": a fresh run that stops cleanly half way; "resume": continue the run
+    folder of `tag` (the correctness pass's interrupted run) to the end."""
+    if phase == "timed":
+        return bt.worker_ours(workdir, steps, 0, tag, lockstep, False, overrides, keep_run=tag.startswith("check-"))
+    from lora_trainer.app.session import train_from_config
+    from lora_trainer.config.load import config_from_dict
+    from lora_trainer.training.control import TrainingControl, TrainingObserver
+
+    control = TrainingControl()
+
+    class StopHalfWay(TrainingObserver):
+        def on_step(self, report):
+            if phase == "stop" and report.step == steps // 2:
+                control.request_stop("benchmark: interrupted run")
+
+    if phase == "stop":
+        shutil.rmtree(workdir / "runs" / tag, ignore_errors=True)
+    cfg = config_from_dict(bt.train_config(workdir, tag, steps, 0, **overrides), base_dir=workdir)
+    result = train_from_config(cfg, control, [StopHalfWay()])
+    return {"status": result.status, "step": result.step}
+
+
+def worker_compare(workdir: Path) -> dict:
+    """The correctness pass's verdicts, from the runs' files."""
+    import torch
+
+    from lora_trainer.lora.kohya_file import read_lora_file
+    from lora_trainer.storage.checkpoints import CheckpointStore
+
+    def lora(tag):
+        return read_lora_file(workdir / "runs" / tag / "out" / "bench.safetensors")[0]
+
+    def checkpoint(tag):
+        store = CheckpointStore(workdir / "runs" / tag / "run")
+        info, _ = store.latest_valid()
+        return store.load(info)[0]
+
+    eager, fast, resumed_lora = lora("check-eager"), lora("check-fast"), lora("check-fast-resumed")
+    trained = sorted(k for k in eager if "lora_up" in k)   # zero at the start: all of it was learned
+    a, b = (torch.cat([run[k].flatten().double() for k in trained]) for run in (eager, fast))
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    rel_norm = float((b - a).norm() / a.norm())
+    worst_abs = max((eager[k] - fast[k]).abs().max().item() for k in trained)
+    largest = max(eager[k].abs().max().item() for k in trained)
+    resumed, straight = checkpoint("check-fast-resumed"), checkpoint("check-fast")
+    identical = (resumed_lora.keys() == fast.keys() and all(torch.equal(resumed_lora[k], fast[k]) for k in fast)
+                 and all(resumed[part].keys() == straight[part].keys() and
+                         all(torch.equal(resumed[part][k], straight[part][k]) for k in straight[part])
+                         for part in ("lora", "optimizer")))
+    return {"eager_vs_fast_abs": worst_abs, "eager_largest": largest, "cosine": cosine, "rel_norm": rel_norm,
+            "resume_identical": identical}
+
+
+def run_worker(args) -> None:
+    workdir, lockstep = Path(args.workdir), not args.free
+    t0 = time.perf_counter()
+    if args.worker == "kohya-equiv.":
+        out = worker_kohya_equivalent(workdir, args.steps, lockstep)
+    elif args.worker in ("floor", "floor NHWC"):
+        out = bt.worker_floor(workdir, args.steps, lockstep, channels_last=args.worker == "floor NHWC")
+    elif args.worker == "compare":
+        out = worker_compare(workdir)
+    else:
+        out = worker_trainer(workdir, args.steps, args.tag, lockstep, json.loads(args.overrides), args.phase)
+    out["worker_seconds"] = time.perf_counter() - t0
+    print(bt.RESULT_PREFIX + json.dumps(out), flush=True)
+
+
+# =================================================================================================
+# Parent: rounds, correctness pass, table (never imports torch)
+# =================================================================================================
+
+def start(workdir: Path, name: str, steps: int, tag: str, policy: str, lockstep: bool = True,
+          phase: str = "timed") -> bt.Worker:
+    extra = ["--overrides", json.dumps(VARIANTS.get(name) or {}), "--phase", phase]
+    worker = bt.Worker(workdir, name, steps, 0, tag, lockstep, script=__file__, extra_args=tuple(extra),
+                       extra_env={"OMP_WAIT_POLICY": policy} if policy != "default" else {},
+                       drop_env=("OMP_WAIT_POLICY",) if policy == "default" else ())
+    return worker
+
+
+def correctness_pass(workdir: Path) -> dict:
+    def alone(name, tag, phase="timed"):
+        return start(workdir, name, CHECK_STEPS, tag, "PASSIVE", False, phase).finish()
+
+    alone("eager", "check-eager")
+    alone("fast path", "check-fast")
+    stopped = alone("fast path", "check-fast-resumed", "stop")
+    if stopped.get("status") != "stopped":
+        raise RuntimeError(f"the interrupted fast-path run did not stop: {stopped}")
+    alone("fast path", "check-fast-resumed", "resume")   # a new process continues the run folder
+    return start(workdir, "compare", 0, "compare", "PASSIVE", False).finish()
+
+
+def orchestrate(args) -> int:
+    mode = MODES["quick" if args.quick else "full"]
+    rounds = args.rounds or mode["rounds"]
+    steps = args.steps or mode["steps"]
+    started, load_start = time.perf_counter(), bt.load_average()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lt-fastpath-")).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {policy: {name: [] for name in VARIANTS} for policy in POLICIES}
+    try:
+        prep = bt.run_alone(workdir, "prepare")
+        for r in range(rounds):
+            for policy in POLICIES:
+                t0 = time.perf_counter()
+                workers = {name: start(workdir, name, steps, f"{name.replace(' ', '-')}-{r}", policy)
+                           for name in VARIANTS}
+                for name, result in bt.run_lockstep(workers, r, steps).items():
+                    results[policy][name].append(result)
+                print(f"  round {r + 1}/{rounds}, OMP_WAIT_POLICY={policy}: {time.perf_counter() - t0:6.1f} s "
+                      f"(load {bt.load_average()})", flush=True)
+        checks = None if args.no_checks else correctness_pass(workdir)
+    finally:
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    raw = {"prep": prep, "results": results, "checks": checks, "steps": steps, "rounds": rounds,
+           "elapsed": time.perf_counter() - started, "load_start": load_start, "load_end": bt.load_average(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "omp": "PASSIVE and default, alternating rounds"}
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1), encoding="utf-8")
+    print()
+    print(render(raw))
+    return 0
+
+
+def render(raw: dict) -> str:
+    results, checks = raw["results"], raw["checks"]
+    width = bt.WIDTH
+    lines = ["=" * width, "lora_trainer fast-path benchmark (CPU)", *bt.environment(raw), "-" * width]
+    lines.append(f"Training step, s/step: pooled median of {raw['steps'] - bt.WARMUP_STEPS} timed steps x "
+                 f"{raw['rounds']} round(s) per policy, in lockstep; [CPU s/step]; speed-up = kohya-equiv. / row")
+    header = f"{'':22s}" + "".join(f"{p + ' wall':>16s}{'[CPU]':>9s}{'vs kohya':>10s}" for p in POLICIES)
+    lines.append(header + f"{'vs eager':>10s}{'peak MiB':>10s}")
+
+    def pooled(policy, name, key="step_seconds"):
+        return bt.median([s for run in results[policy][name] for s in run[key]])
+
+    for name in VARIANTS:
+        cells = ""
+        for policy in POLICIES:
+            wall, cpu = pooled(policy, name), pooled(policy, name, "step_cpu_seconds")
+            cells += f"{wall:>14.3f} s{cpu:>9.3f}{pooled(policy, 'kohya-equiv.') / wall:>9.2f}x"
+        vs_eager = bt.median([pooled(p, "eager") / pooled(p, name) for p in POLICIES])
+        peak = bt.median([run["child_peak_rss_mib"] for p in POLICIES for run in results[p][name]])
+        lines.append(f"  {name:20s}{cells}{vs_eager:>9.2f}x{peak:>10.0f}")
+    lines.append("  per-round medians of the fast path vs kohya-equiv. (wall): " + ", ".join(
+        f"{p} " + "/".join(f"{bt.median(k['step_seconds']) / bt.median(f['step_seconds']):.2f}x"
+                           for k, f in zip(results[p]["kohya-equiv."], results[p]["fast path"]))
+        for p in POLICIES))
+    lines.append("-" * width)
+    worst = min(pooled(p, "kohya-equiv.") / pooled(p, "fast path") for p in POLICIES)
+    lines.append(f"Target: fast path >= {TARGET_VS_KOHYA}x kohya-equiv. under both wait policies: "
+                 f"{worst:.2f}x at worst -> {'MET' if worst >= TARGET_VS_KOHYA else 'NOT MET'}")
+    if checks:
+        within = checks["cosine"] >= TOLERANCE_COSINE and checks["rel_norm"] <= TOLERANCE_REL_NORM
+        lines.append(f"Fast path vs eager after {CHECK_STEPS} steps, the learned (up) weights: cosine "
+                     f"{checks['cosine']:.4f} (tolerance >= {TOLERANCE_COSINE}), |difference| / |eager| "
+                     f"{checks['rel_norm']:.1%} (<= {TOLERANCE_REL_NORM:.0%}) -> {'WITHIN' if within else 'OUTSIDE'};"
+                     f" largest element-wise difference {checks['eager_vs_fast_abs']:.1e} "
+                     f"(largest weight {checks['eager_largest']:.1e})")
+        lines.append("Fast path stopped at step %d, resumed in a new process vs uninterrupted: %s" % (
+            CHECK_STEPS // 2, "byte-identical (LoRA, optimizer)" if checks["resume_identical"] else "DIFFERENT"))
+    lines.append(f"total benchmark time {raw['elapsed']:.0f} s")
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round per wait policy, 8 steps")
+    parser.add_argument("--rounds", type=int, help="rounds per wait policy")
+    parser.add_argument("--steps", type=int, help="steps per run (the first %d not timed)" % bt.WARMUP_STEPS)
+    parser.add_argument("--no-checks", action="store_true", help="skip the correctness pass")
+    parser.add_argument("--recheck", metavar="JSON", help="with --workdir of a kept run: redo the comparison "
+                        "of its correctness pass and print the table of JSON with it")
+    parser.add_argument("--workdir", help="where the model/data/runs go (kept; reused if present)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary workdir")
+    parser.add_argument("--json", help="also write the raw measurements to this file")
+    parser.add_argument("--render", metavar="JSON", help="print the table of an earlier --json file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--free", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default="timed", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker == "prepare":
+        return bt.main(["--worker", "prepare", "--workdir", args.workdir])
+    if args.worker:
+        run_worker(args)
+        return 0
+    if args.render or args.recheck:
+        raw = json.loads(Path(args.render or args.recheck).read_text(encoding="utf-8"))
+        if args.recheck:
+            raw["checks"] = start(Path(args.workdir), "compare", 0, "compare", "PASSIVE", False).finish()
+            Path(args.recheck).write_text(json.dumps(raw, indent=1), encoding="utf-8")
+        print(render(raw))
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
