@@ -824,6 +824,19 @@ def render(raw: dict) -> str:
     return "\n".join(lines)
 
 
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """Options this file and bench_fastpath.py share: where things go, and the worker's own."""
+    parser.add_argument("--workdir", help="where the model/data/runs go (kept; reused if present)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary workdir")
+    parser.add_argument("--json", help="also write the raw measurements to this file")
+    parser.add_argument("--render", metavar="JSON", help="print the table of an earlier --json file")
+    # internal: one measurement in this process
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--free", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -834,15 +847,7 @@ def main(argv=None) -> int:
                         help="after the table, run the real Trainer once more under cProfile")
     parser.add_argument("--omp-active", action="store_true",
                         help="leave OpenMP's default spinning waits (fastest only on an idle machine)")
-    parser.add_argument("--workdir", help="where the model/data/runs go (kept; reused if present)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary workdir")
-    parser.add_argument("--json", help="also write the raw measurements to this file")
-    parser.add_argument("--render", metavar="JSON", help="print the table of an earlier --json file")
-    # internal: one measurement in this process
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--free", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--save-steps", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    add_shared_options(parser)
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(args)

@@ -35,6 +35,19 @@ def tiny_sd1(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def sdxl_file(tmp_path_factory) -> Path:
+    """A tiny SDXL model as a WebUI-style single file (SGM layout), with its `<stem>.config/`."""
+    from lora_trainer.backbones import tiny_files
+    from lora_trainer.backbones.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    components = build_tiny("sdxl", seed=3)
+    path = tiny_files.write_single_file(folder / "xl.safetensors", components)
+    tiny_files.write_config_folder(folder / "xl.config", components["configs"])
+    return path
+
+
+@pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory) -> Path:
     from lora_trainer.tools.demo import write_dataset
 

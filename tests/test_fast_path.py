@@ -17,7 +17,7 @@ import torch
 
 from lora_trainer.backbones import compiled
 from lora_trainer.lora.kohya_file import read_lora_file
-from test_resume import RUN, assert_identical, final_state, train
+from test_resume import RUN, assert_identical, final_state, finished_reference, train
 
 BACKEND = "inductor" if os.environ.get("LORA_TRAINER_TEST_INDUCTOR") == "1" else "aot_eager"
 FAST = dict(RUN, compile=True, compile_backend=BACKEND)
@@ -29,13 +29,7 @@ TOLERANCE = dict(rtol=0, atol=1e-4)
 
 @pytest.fixture(scope="module")
 def compiled_reference(tmp_path_factory, tiny_sd1, shapes_dataset):
-    from support import write_config
-
-    cfg = write_config(tmp_path_factory.mktemp("compiled"), train_data_dir=shapes_dataset,
-                       base_model=tiny_sd1["single_file"], **FAST)
-    result = train(cfg)
-    assert result.status == "finished" and result.step == 9
-    return final_state(result)
+    return finished_reference(tmp_path_factory.mktemp("compiled"), tiny_sd1, shapes_dataset, **FAST)
 
 
 def test_compiled_training_matches_eager_within_tolerance(make_config, compiled_reference):

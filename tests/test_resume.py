@@ -70,15 +70,19 @@ def assert_identical(a, b):
     assert state_a["scheduler"] == state_b["scheduler"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_sd1, shapes_dataset):
+def finished_reference(folder, tiny_sd1, shapes_dataset, **values):
+    """final_state of an uninterrupted 9-step run of `values` (RUN's schedule)."""
     from support import write_config
 
-    cfg = write_config(tmp_path_factory.mktemp("reference"), train_data_dir=shapes_dataset,
-                       base_model=tiny_sd1["single_file"], **RUN)
+    cfg = write_config(folder, train_data_dir=shapes_dataset, base_model=tiny_sd1["single_file"], **values)
     result = train(cfg)
     assert result.status == "finished" and result.step == 9
     return final_state(result)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_sd1, shapes_dataset):
+    return finished_reference(tmp_path_factory.mktemp("reference"), tiny_sd1, shapes_dataset, **RUN)
 
 
 @pytest.mark.parametrize("stop_at", [1, 3, 5, 6])

@@ -12,18 +12,9 @@ import yaml
 
 from lora_trainer.app import check_data
 from lora_trainer.app.run_config import load_run_config, native_resolution
-from lora_trainer.backbones import tiny_files
-from lora_trainer.backbones.tiny import build_tiny
 from lora_trainer.config import ConfigError, load_config
 
 
-@pytest.fixture(scope="module")
-def sdxl_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl")
-    components = build_tiny("sdxl", seed=3)
-    path = tiny_files.write_single_file(folder / "xl.safetensors", components)
-    tiny_files.write_config_folder(folder / "xl.config", components["configs"])
-    return path
 
 
 def _config_without_resolution(folder: Path, **values) -> Path:

@@ -12,7 +12,7 @@ import torch
 from lora_trainer.backbones import loading, tiny_files
 from lora_trainer.backbones.ldm_keys import layout_for, ldm_to_components
 from lora_trainer.backbones.streaming import plan_from_meta, read_index
-from lora_trainer.backbones.tiny import build_models_from_configs, build_tiny
+from lora_trainer.backbones.tiny import build_models_from_configs
 from lora_trainer.backbones.tiny_configs import load_config_dicts, tiny_sd1_configs
 from lora_trainer.monitor import system
 from lora_trainer.backbones.memory import release_free_memory
@@ -20,13 +20,6 @@ from lora_trainer.backbones.memory import release_free_memory
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-@pytest.fixture(scope="module")
-def sdxl_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl")
-    components = build_tiny("sdxl", seed=3)
-    path = tiny_files.write_single_file(folder / "xl.safetensors", components)
-    tiny_files.write_config_folder(folder / "xl.config", components["configs"])
-    return path
 
 
 def _whole_file_reference(path):
