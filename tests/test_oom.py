@@ -213,3 +213,15 @@ def test_oom_ladder_works_for_a_lycoris_type(make_config, monkeypatch):
     assert any(k.endswith(".hada_w1_a") for k in small) and any(k.endswith(".dora_scale") for k in small)
     assert seen.micro_batches == [1] * 6 and "micro-batch halved to 1" in log
     assert largest_relative_difference(halved, small) <= 1e-5
+
+
+def test_oom_ladder_works_on_the_compiled_step(make_config, monkeypatch):
+    """compile: true — the halved micro-batch is a new shape for the compiled step: it compiles
+    again and the run goes on (graph capture with aot_eager here; see test_fast_path)."""
+    compiled = dict(compile=True, compile_backend="aot_eager")
+    halved, seen, log = train_recording(make_config, monkeypatch, "oom_at_2", oom_when_batched_from_step(2),
+                                        batch_size=2, **compiled)
+    assert seen.step_numbers == [1, 2, 3] and seen.micro_batches == [2, 1, 1, 1, 1]
+    assert "Out of memory at step 2: micro-batch halved to 1" in log
+    eager, _, _ = train_recording(make_config, monkeypatch, "eager", oom_when_batched_from_step(2), batch_size=2)
+    assert overall_relative_difference(halved, eager) <= 1e-5
