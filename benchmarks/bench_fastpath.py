@@ -30,7 +30,7 @@ correctness pass (not timed) checks the fast path: its LoRA after CHECK_STEPS st
 process against an uninterrupted one (must be byte-identical: exact resume within the mode).
 
 The first step of a compiled run compiles (minutes on a cold torch cache; later runs reuse the cache
-in /tmp/torchinductor_<user>); the first WARMUP_STEPS steps of every run are not timed.
+in torchinductor_<user> under the temp folder); the first WARMUP_STEPS steps of every run are not timed.
 """
 from __future__ import annotations
 
