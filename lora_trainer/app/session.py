@@ -103,14 +103,16 @@ def _run_training_locked(cfg, backbone, control, observers, previewer, force_res
     # only rank 0 writes train.log, the effective config, cards and monitors
     with attach_run_log(run_dir) if dist.is_main else contextlib.nullcontext():
         try:
-            for w in [*cfg_warnings(cfg), precision_advice(cfg, backbone.device)]:
-                if w:
-                    log.warning(w)
+            for w in cfg_warnings(cfg):
+                log.warning(w)
             index = index or index_dataset(cfg)
             for w in index.warnings:
                 log.warning(w)
             if cfg.check_data:
                 task.check_data(index, cfg, log if dist.is_main else None, data_findings)
+            advice = precision_advice(cfg, backbone.device)   # after the data check, which needs no model
+            if advice:
+                log.warning(advice)
             if dist.is_main:
                 write_effective_config(cfg, run_dir)
             if previewer is None:   # fails early on a bad prompt or a LoRA it names that is missing
