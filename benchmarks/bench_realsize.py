@@ -5,7 +5,7 @@ shapes (fp16 single files, LDM/SGM layout, ~2.1 GB and ~6.9 GB), on the CPU.
     .venv-bench/bin/python benchmarks/bench_realsize.py --family sdxl    # ~18 GB of free RAM
     options: --steps N (3), --resolution PX, --base-dtype auto|fp32|bf16, --compile, --json FILE, --build-only
     .venv-bench/bin/python benchmarks/bench_realsize.py --family sd1 --levers --steps 5
-        # the fast-path levers one after another on the same file: fp32, bf16, bf16 + compile
+        # the fast-path levers one after another on the same file: fp32, compile, bf16, bf16 + compile
 
 The files are built once from the shipped configs (lora_trainer/backbones/configs/sd1, sdxl) and
 kept in $LORA_TRAINER_BENCH_MODELS (default: ~/.cache/lora_trainer/bench-models), never in the
@@ -233,7 +233,8 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-LEVERS = (("eager fp32", "fp32", False), ("bf16", "bf16", False), ("bf16 + compile", "bf16", True))
+LEVERS = (("eager fp32", "fp32", False), ("compile", "fp32", True), ("bf16", "bf16", False),
+          ("bf16 + compile", "bf16", True))
 
 
 def compare_levers(family: str, steps: int, resolution: int, json_path: Path | None) -> None:
@@ -269,7 +270,7 @@ def main() -> None:
     parser.add_argument("--base-dtype", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--compile", action="store_true", help="compile: true (the first step compiles)")
     parser.add_argument("--levers", action="store_true",
-                        help="run fp32, bf16 and bf16 + compile one after another and compare their steps")
+                        help="run fp32, compile, bf16 and bf16 + compile one after another and compare their steps")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
