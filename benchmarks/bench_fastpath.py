@@ -199,10 +199,9 @@ def run_worker(args) -> None:
 def start(workdir: Path, name: str, steps: int, tag: str, policy: str, lockstep: bool = True,
           phase: str = "timed") -> bt.Worker:
     extra = ["--overrides", json.dumps(VARIANTS.get(name) or {}), "--phase", phase]
-    worker = bt.Worker(workdir, name, steps, 0, tag, lockstep, script=__file__, extra_args=tuple(extra),
-                       extra_env={"OMP_WAIT_POLICY": policy} if policy != "default" else {},
-                       drop_env=("OMP_WAIT_POLICY",) if policy == "default" else ())
-    return worker
+    return bt.Worker(workdir, name, steps, 0, tag, lockstep, script=__file__, extra_args=tuple(extra),
+                     extra_env={"OMP_WAIT_POLICY": policy} if policy != "default" else {},
+                     drop_env=("OMP_WAIT_POLICY",) if policy == "default" else ())
 
 
 def correctness_pass(workdir: Path) -> dict:

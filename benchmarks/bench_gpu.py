@@ -60,6 +60,8 @@ def build_unet(family: str, device: str, dtype):
 
 
 def attach_lora(unet):
+    import torch
+
     from lora_trainer.backbones.diffusers_sd import unet_role
     from lora_trainer.lora.network import LoRANetwork
     from lora_trainer.lora.targets import LoraTarget, select_targets
@@ -68,7 +70,7 @@ def attach_lora(unet):
                for path, module in unet.named_modules() if (role := unet_role(path, module))]
     network = LoRANetwork(select_targets(targets, "attn-mlp", False), RANK)
     device = next(unet.parameters()).device
-    network.to(device, dtype=__import__("torch").float32)
+    network.to(device, dtype=torch.float32)
     network.attach()
     return [p for _, p in network.trainable_parameters(text_encoder=False)]
 
