@@ -308,8 +308,12 @@ def profile_text(profiler, limit: int = 30) -> str:
     return text.getvalue()
 
 
-def load_frozen_with_lora(workdir: Path):
-    """The same model, frozen, with the same LoRA layers (same targets, rank, init) as the Trainer."""
+def load_frozen_with_lora(workdir: Path, base_dtype: str = "fp32", foreach: bool | None = None):
+    """The same model, frozen, with the same LoRA layers (same targets, rank, init) as the Trainer.
+    `base_dtype` "bf16": UNet and text encoder held in bf16 (the LoRA stays fp32). `foreach`: AdamW's
+    kernel; None is torch's own choice (the per-parameter loop on the CPU), which is what kohya's and
+    the diffusers scripts' `torch.optim.AdamW(params, ...)` get; the Trainer's eager run uses the
+    bit-identical multi-tensor kernel (True)."""
     import torch
 
     from lora_trainer.backbones.diffusers_sd import load_backbone
@@ -317,7 +321,8 @@ def load_frozen_with_lora(workdir: Path):
     from lora_trainer.lora.targets import select_targets
 
     torch.set_num_threads(THREADS)
-    backbone = load_backbone(str(model_path(workdir)), device="cpu")
+    dtype = torch.bfloat16 if base_dtype == "bf16" else torch.float32
+    backbone = load_backbone(str(model_path(workdir)), device="cpu", dtype=dtype)
     backbone.freeze()
     targets = select_targets(backbone.lora_targets(), "attn-mlp", False)
     with torch.random.fork_rng(devices=[]):
@@ -325,7 +330,7 @@ def load_frozen_with_lora(workdir: Path):
         network = LoRANetwork(targets, RANK)
     network.attach()
     params = [p for _, p in network.trainable_parameters(text_encoder=False)]
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, foreach=foreach)
     return backbone, params, optimizer
 
 
@@ -408,7 +413,7 @@ def worker_floor(workdir: Path, steps: int, lockstep: bool, channels_last: bool 
     import torch
     import torch.nn.functional as F
 
-    backbone, params, optimizer = load_frozen_with_lora(workdir)
+    backbone, params, optimizer = load_frozen_with_lora(workdir, foreach=True)   # the Trainer's kernel
     unet = backbone.unet
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     unet.to(memory_format=memory_format)

@@ -42,20 +42,41 @@ def test_compiled_training_matches_eager_within_tolerance(make_config, compiled_
         torch.testing.assert_close(fast[k], eager[k], **TOLERANCE, msg=k)
 
 
-def test_a_compiled_run_resumes_exactly_in_compiled_mode(make_config, compiled_reference):
+def test_a_compiled_run_resumes_exactly_in_compiled_mode(make_config, compiled_reference, monkeypatch):
+    kernels = _spy_on_optimizer_kernel(monkeypatch)
     cfg = make_config(**FAST)
     stopped = train(cfg, stop_at=3)
     assert stopped.status == "stopped" and stopped.step == 3
     resumed = train(cfg)
     assert resumed.status == "finished"
-    assert_identical(final_state(resumed), compiled_reference)
+    assert_identical(final_state(resumed), compiled_reference)   # the fused optimizer's state included
+    assert kernels == ["fused", "fused"]
 
 
-def test_switching_compile_on_resume_needs_force(make_config):
+def _spy_on_optimizer_kernel(monkeypatch) -> list[str]:
+    """Records which AdamW kernel each Trainer built: the fast path takes the fused one."""
+    from lora_trainer.training import trainer as trainer_module
+
+    kernels: list[str] = []
+    real = trainer_module.build_optimizer
+
+    def spy(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+        kernels.append("fused" if optimizer.defaults.get("fused") else
+                       "foreach" if optimizer.defaults.get("foreach") else "loop")
+        return optimizer
+
+    monkeypatch.setattr(trainer_module, "build_optimizer", spy)
+    return kernels
+
+
+def test_switching_compile_on_resume_needs_force(make_config, monkeypatch):
     from lora_trainer.training.resume import ResumeRefused
 
+    kernels = _spy_on_optimizer_kernel(monkeypatch)
     cfg = make_config(**RUN)
     assert train(cfg, stop_at=1).status == "stopped"
+    assert kernels == ["foreach"]   # eager keeps the kernel that matches torch's loop bit for bit
     with pytest.raises(ResumeRefused, match="compile"):
         train(cfg, compile=True, compile_backend=BACKEND)
 

@@ -64,3 +64,31 @@ def test_the_state_dict_is_tensors_and_plain_json():
     assert set(tensors) == {"lora", "optimizer", "rng"}
     assert all(isinstance(t, torch.Tensor) for files in tensors.values() for t in files.values())
     assert json.loads(json.dumps(saved)) == saved     # no pickle: everything else is JSON
+
+
+def _adamw_run(optimizer_factory) -> list[torch.Tensor]:
+    """Five AdamW steps with two parameter groups (UNet and text-encoder lrs) on fixed gradients."""
+    torch.manual_seed(0)
+    params = [torch.randn(16, 8, requires_grad=True) for _ in range(4)]
+    optimizer = optimizer_factory([{"params": params[:2], "lr": 1e-3}, {"params": params[2:], "lr": 5e-4}])
+    gradients = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gradients)
+        optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_the_default_adamw_kernel_is_bit_identical_to_torchs_per_parameter_loop():
+    # The multi-tensor kernel is only a speed-up: runs (and checkpoints) made before it, with the
+    # loop torch picks on the CPU, must continue to exactly the same weights.
+    ours = _adamw_run(lambda groups: build_optimizer("adamw", groups, 0.01))
+    loop = _adamw_run(lambda groups: torch.optim.AdamW(groups, weight_decay=0.01, foreach=False))
+    assert all(torch.equal(a, b) for a, b in zip(ours, loop))
+
+
+def test_the_fused_kernel_differs_from_the_loop_only_by_float_rounding():
+    fused = _adamw_run(lambda groups: build_optimizer("adamw", groups, 0.01, fused=True))
+    loop = _adamw_run(lambda groups: torch.optim.AdamW(groups, weight_decay=0.01, foreach=False))
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -105,7 +105,8 @@ class Trainer:
         groups = [{"params": [p for _, p in unet], "lr": cfg.learning_rate}]
         if te:
             groups.append({"params": [p for _, p in te], "lr": cfg.text_encoder_lr or cfg.learning_rate})
-        optimizer = build_optimizer(cfg.optimizer, groups, cfg.weight_decay)
+        # the fast path also takes the fused optimizer kernel (see build_optimizer)
+        optimizer = build_optimizer(cfg.optimizer, groups, cfg.weight_decay, fused=cfg.compile)
         scheduler = build_scheduler(optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps, self.plan.total_steps)
         scaler = None
         if cfg.mixed_precision == "fp16":
