@@ -14,7 +14,7 @@ import yaml
 
 from ..config import ConfigError, config_from_dict, dump_config, resolve_path
 from ..config.load import field_specs
-from ..storage.containment import PathRefused, is_inside
+from ..storage.containment import PathRefused
 from . import compat, fields, presets, runs, views
 from .tab_runs import _RunsList
 from .worker import Snapshot

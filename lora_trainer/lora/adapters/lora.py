@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter, AdapterSpec, file_alpha
+from .base import Adapter, AdapterSpec, file_alpha, input_for
 
 
 class LoRAAdapter(Adapter):
@@ -53,8 +53,7 @@ class LoRAAdapter(Adapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_dora:   # DoRA needs the merged weight's norms: no low-rank shortcut
             return super().forward(x)
-        dtype = self.down.weight.dtype
-        return self.up(self.down(x.to(dtype))) * (self.multiplier * self.scale)
+        return self.up(self.down(input_for(x, self.down.weight.dtype))) * (self.multiplier * self.scale)
 
     def zero_factor(self) -> torch.Tensor:
         return self.up.weight
