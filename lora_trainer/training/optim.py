@@ -18,8 +18,7 @@ def build_optimizer(name: str, param_groups: list[dict], weight_decay: float, fu
     holds it to that), which is what earlier runs and their checkpoints used, and ~1.5x faster on
     the CPU, where torch would pick the loop by default."""
     if name == "adamw":
-        kernel = {"fused": True} if fused else {"foreach": True}
-        return torch.optim.AdamW(param_groups, weight_decay=weight_decay, **kernel)
+        return torch.optim.AdamW(param_groups, weight_decay=weight_decay, foreach=not fused, fused=fused)
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb  # optional: only on CUDA machines
