@@ -11,6 +11,8 @@ at a time, round-robin; see bench_training.py):
   bf16             + mixed_precision: bf16 (base weights held in bf16, autocast)
   compile          + compile: true (torch.compile, inductor)
   fast path        + compile: true + mixed_precision: bf16
+  fast, flash attn the fast path with torch's flash-attention kernel for every attention (the
+                   fast path computes short bf16 attention as plain matmuls: that lever on its own)
   floor            bench_training's floor (bare UNet fwd/bwd + AdamW on pre-made tensors)
   floor NHWC       the floor with channels_last weights and input (the lever on its own)
   kohya-equiv.     a loop doing what kohya-ss/sd-scripts' train_network.py does per step for SD1 with
@@ -53,11 +55,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_training as bt   # noqa: E402  (the shared model, data, clock and lockstep machinery)
 
+FLASH_ONLY = "_flash_only"   # not a config field: the worker turns the short-attention lever off
 VARIANTS = {   # row -> Trainer config overrides (None: a hand-written loop)
     "eager": {},
     "bf16": {"mixed_precision": "bf16"},
     "compile": {"compile": True},
     "fast path": {"compile": True, "mixed_precision": "bf16"},
+    # the fast path with torch's flash kernel for every attention: the short-attention lever on its own
+    "fast, flash attn": {"compile": True, "mixed_precision": "bf16", FLASH_ONLY: True},
     "floor": None,
     "floor NHWC": None,
     "kohya-equiv.": None,
@@ -163,6 +168,9 @@ def worker_trainer(workdir: Path, steps: int, tag: str, lockstep: bool, override
     """The real Trainer with `overrides`. phase "timed": a fresh, timed run (bench_training's
     worker_ours); "stop": a fresh run that stops cleanly half way; "resume": continue the run
     folder of `tag` (the correctness pass's interrupted run) to the end."""
+    if overrides.pop(FLASH_ONLY, False):
+        from lora_trainer.backbones import short_attention
+        short_attention.PLAIN_SCORES_LIMIT = 0   # nothing is short: every attention stays on flash
     if phase == "timed":
         return bt.worker_ours(workdir, steps, 0, tag, lockstep, False, overrides, keep_run=tag.startswith("check-"))
     from lora_trainer.app.session import train_from_config

@@ -6,7 +6,9 @@ compiles for minutes (later runs reuse torch's on-disk cache), and every new inp
 aspect-ratio bucket, a smaller batch after an out-of-memory retry) compiles again.
 
 Only the training call is compiled: the module itself stays eager, so previews (under no_grad, which
-would need a second graph) and any other holder of the model are unaffected.
+would need a second graph) and any other holder of the model are unaffected. On the CPU the compiled
+call computes short attention as plain matmuls (short_attention.py: torch's CPU flash kernel is slow
+on short sequences).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 import shutil
 
 import torch
+
+from .short_attention import ShortAttentionAsMatmuls
 
 _CPU_COMPILERS = ("g++", "c++", "clang++", "cl")
 
@@ -37,4 +41,11 @@ def compiled_for_training(module: torch.nn.Module, device: torch.device, backend
     if problem:
         raise ValueError(f"compile: true, but {problem}. Install it, set compile_backend: aot_eager "
                          "(no speed-up), or set compile: false")
-    return torch.compile(module, backend=backend)
+    compiled = torch.compile(module, backend=backend)
+    if device.type != "cpu":
+        return compiled
+
+    def compiled_cpu_step(*args, **kwargs):
+        with ShortAttentionAsMatmuls():   # traced into the graph; outside this call nothing changes
+            return compiled(*args, **kwargs)
+    return compiled_cpu_step
