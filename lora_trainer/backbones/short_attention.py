@@ -2,12 +2,13 @@
 
 Why: torch's CPU flash-attention kernel walks the keys in blocks sized for long sequences. When the
 score matrix of a head is small (cross-attention over the 77 caption tokens, self-attention in the
-UNet's low-resolution blocks) and the inputs are bf16 (the fast path's autocast), it is 1.5-3x
-slower, forward + backward, than the plain form
-`softmax(q @ kᵀ · scale) @ v`, which inductor compiles into two batched GEMMs with the scaling, the
-softmax and the casts fused between them. Long self-attention keeps flash: there the plain form is
+UNet's low-resolution blocks) and the inputs are bf16 (the fast path's autocast), it is 1.2-3x
+slower, forward + backward, than the plain form `softmax(q @ kᵀ · scale) @ v` run eagerly, and the
+gap widens once compiled: inductor makes it two batched GEMMs with the scaling, the softmax and
+the casts fused between them. Long self-attention keeps flash: there the plain form is
 slower and its score matrix, kept for the backward, grows with the square of the tokens. In fp32
-flash is as fast or faster at every measured size, so fp32 attention is left alone.
+the two are close (flash faster on most shapes, plain up to 1.4x on a few small ones:
+benchmarks/bench_attention.py), so fp32 attention is left alone.
 Measured in benchmarks/README.md ("Fast path", attention kernels).
 
 Only the compiled training call runs under this mode (backbones/compiled.py): eager runs, previews
@@ -20,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-# Scores per (batch, head) up to which the plain form is used. Measured crossover on a 2-core AVX-512
-# CPU, bf16, forward + backward: 4096 x 77 (cross-attention at 512 px) 2x faster plain; 256 x 256 2x
-# faster plain; 1024 x 1024 self-attention 1.1-1.4x faster with flash.
+# Scores per (batch, head) up to which the plain form is used. Measured on a 2-core AVX-512 CPU, bf16,
+# forward + backward, eager (bench_attention.py): 4096 x 77 (cross-attention at 512 px) 1.2x faster
+# plain, 1024 x 77 2.7x, 256 x 256 2.2x; 1024 x 1024 self-attention 1.5-2.8x faster with flash.
 PLAIN_SCORES_LIMIT = 2 ** 19
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -39,7 +40,7 @@ def plain_attention(query, key, value, scale: float | None = None) -> torch.Tens
     return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype), value)
 
 
-def _routable(args, kwargs) -> bool:
+def uses_plain_form(args, kwargs) -> bool:
     """Plain q, k, v attention without mask, causality, dropout or grouped heads."""
     if len(args) != 3 or set(kwargs) - {"attn_mask", "dropout_p", "is_causal", "scale"}:
         return False
@@ -56,7 +57,7 @@ class ShortAttentionAsMatmuls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and _routable(args, kwargs):
+        if func is F.scaled_dot_product_attention and uses_plain_form(args, kwargs):
             query, key, value = args
             return plain_attention(query, key, value, scale=kwargs.get("scale"))
         return func(*args, **kwargs)
