@@ -6,6 +6,8 @@ shapes (fp16 single files, LDM/SGM layout, ~2.1 GB and ~6.9 GB), on the CPU.
     options: --steps N (3), --resolution PX, --base-dtype auto|fp32|bf16, --compile, --json FILE, --build-only
     .venv-bench/bin/python benchmarks/bench_realsize.py --family sd1 --levers --steps 5
         # the fast-path levers one after another on the same file: fp32, compile, bf16, bf16 + compile
+    .venv-bench/bin/python benchmarks/bench_realsize.py --family sd1 --memory-formats --steps 3
+        # channels-last against NCHW, alternating step by step in one process (bare UNet + LoRA step)
 
 The files are built once from the shipped configs (lora_trainer/backbones/configs/sd1, sdxl) and
 kept in $LORA_TRAINER_BENCH_MODELS (default: ~/.cache/lora_trainer/bench-models), never in the
@@ -258,6 +260,52 @@ def compare_levers(family: str, steps: int, resolution: int, json_path: Path | N
         json_path.write_text(json.dumps(results, indent=1))
 
 
+def compare_memory_formats(family: str, steps: int, resolution: int, base_dtype: str) -> None:
+    """The channels-last lever at the real size: one process, the same UNet with a rank-8 attn-mlp
+    LoRA and gradient checkpointing, batch 1, its weights and input switched between NCHW and NHWC
+    before every step (the switch is not timed), so both formats meet the same background load.
+    Bare forward/backward + AdamW on fixed tensors, as bench_training.py's floor."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from lora_trainer.backbones.diffusers_sd import load_backbone
+    from lora_trainer.lora.network import LoRANetwork
+    from lora_trainer.lora.targets import select_targets
+
+    torch.set_num_threads(2)
+    dtype = torch.bfloat16 if base_dtype == "bf16" else torch.float32
+    backbone = load_backbone(str(build_file(family)), device="cpu", dtype=dtype)
+    backbone.freeze()
+    backbone.set_gradient_checkpointing(True)
+    network = LoRANetwork(select_targets(backbone.lora_targets(), "attn-mlp", False), 8)
+    network.attach()
+    params = [p for _, p in network.trainable_parameters(text_encoder=False)]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, resolution // 8, resolution // 8, generator=generator)
+    cond = backbone.encode_text(["a photo"])
+    formats = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
+    seconds: dict[str, list[float]] = {name: [] for name in formats}
+    for k in range(2 * steps):
+        name = ("NCHW", "NHWC")[k % 2]
+        backbone.unet.to(memory_format=formats[name])
+        noisy = latents.contiguous(memory_format=formats[name])
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            prediction = backbone.predict(noisy, torch.tensor([500]), cond)
+        F.mse_loss(prediction.float(), latents).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds[name].append(time.perf_counter() - start)
+        print(f"  step {k // 2 + 1} {name}: {seconds[name][-1]:.1f} s", flush=True)
+    medians = {name: statistics.median(times[1:]) for name, times in seconds.items()}   # step 1 warms up
+    print(f"load average {os.getloadavg()}; {family} {resolution} px, {base_dtype}, gradient checkpointing, "
+          f"median of steps 2-{steps}: NCHW {medians['NCHW']:.2f} s, NHWC {medians['NHWC']:.2f} s "
+          f"-> channels-last {medians['NCHW'] / medians['NHWC']:.2f}x")
+
+
 def _target(what: str, value: float, limit: float, unit: str = "GiB") -> str:
     return f"    {what:<66} {value:8.2f} {unit} vs {limit:8.2f} {unit}  {'MET' if value <= limit else 'NOT MET'}"
 
@@ -271,6 +319,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile: true (the first step compiles)")
     parser.add_argument("--levers", action="store_true",
                         help="run fp32, compile, bf16 and bf16 + compile one after another and compare their steps")
+    parser.add_argument("--memory-formats", action="store_true",
+                        help="time NCHW against channels-last (NHWC) steps, alternating in one process")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -281,6 +331,9 @@ def main() -> None:
         print(build_file(args.family))
         return
     defaults = DEFAULTS[args.family]
+    if args.memory_formats:
+        return compare_memory_formats(args.family, args.steps, args.resolution or defaults["resolution"],
+                                      args.base_dtype or defaults["base_dtype"])
     if args.levers:
         return compare_levers(args.family, args.steps, args.resolution or defaults["resolution"], args.json)
     result = run_family(args.family, args.steps, args.resolution or defaults["resolution"],
