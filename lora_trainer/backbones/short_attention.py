@@ -1,4 +1,4 @@
-"""Short 16-bit attention as two matmuls and a softmax, inside the compiled training step on the CPU.
+"""Short bf16 attention as two matmuls and a softmax, inside the compiled training step on the CPU.
 
 Why: torch's CPU flash-attention kernel walks the keys in blocks sized for long sequences. When the
 score matrix of a head is small (cross-attention over the 77 caption tokens, self-attention in the
@@ -8,7 +8,7 @@ gap widens once compiled: inductor makes it two batched GEMMs with the scaling, 
 the casts fused between them. Long self-attention keeps flash: there the plain form is
 slower and its score matrix, kept for the backward, grows with the square of the tokens. In fp32
 the two are close (flash faster on most shapes, plain up to 1.4x on a few small ones:
-benchmarks/bench_attention.py), so fp32 attention is left alone.
+benchmarks/bench_attention.py), so fp32 attention is left alone (fp16 was not measured: left alone).
 Measured in benchmarks/README.md ("Fast path", attention kernels).
 
 Only the compiled training call runs under this mode (backbones/compiled.py): eager runs, previews
@@ -25,7 +25,6 @@ from torch.overrides import TorchFunctionMode
 # forward + backward, eager (bench_attention.py): 4096 x 77 (cross-attention at 512 px) 1.2x faster
 # plain, 1024 x 77 2.7x, 256 x 256 2.2x; 1024 x 1024 self-attention 1.5-2.8x faster with flash.
 PLAIN_SCORES_LIMIT = 2 ** 19
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def is_short(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -47,7 +46,7 @@ def uses_plain_form(args, kwargs) -> bool:
     if kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or kwargs.get("dropout_p"):
         return False
     query, key, value = args
-    return (query.dtype in _SIXTEEN_BIT and query.dim() == key.dim() == value.dim() >= 3
+    return (query.dtype == torch.bfloat16 and query.dim() == key.dim() == value.dim() >= 3
             and query.shape[:-2] == key.shape[:-2] and key.shape[-2] == value.shape[-2]
             and is_short(query, key))
 
